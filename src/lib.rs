@@ -1,0 +1,5 @@
+//! raftmq: a highly available MQTT 3.1.1 / 5.0 broker replicated with Raft.
+//!
+//! See docs/ARCHITECTURE.md for the layout and the path of a message.
+
+pub mod protocol;

@@ -1,0 +1,3 @@
+fn main() {
+    println!("raftmq {}", env!("CARGO_PKG_VERSION"));
+}
