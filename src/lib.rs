@@ -2,4 +2,5 @@
 //!
 //! See docs/ARCHITECTURE.md for the layout and the path of a message.
 
+pub mod bench;
 pub mod protocol;
