@@ -162,7 +162,7 @@ fn decode_connect(r: &mut Reader) -> Result<Connect, DecodeError> {
         }
         _ => {
             return Err(DecodeError::InvalidProtocolName {
-                name: String::from_utf8_lossy(&name).chars().take(32).collect(),
+                name: String::from_utf8_lossy(&name[..name.len().min(32)]).into_owned(),
             });
         }
     };
