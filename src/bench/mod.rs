@@ -14,6 +14,8 @@
 
 mod client;
 mod conns;
+#[cfg(test)]
+mod e2e;
 mod latency;
 mod messages;
 mod procfs;
