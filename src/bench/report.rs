@@ -127,12 +127,16 @@ impl BenchReport {
     pub fn human(&self) -> String {
         let mut s = String::new();
         let v = if self.protocol == 5 { "MQTT 5" } else { "MQTT 3.1.1" };
-        let rate = if self.rate == 0 { "flat out".to_string() } else { format!("{} msg/s", self.rate) };
-        let _ = writeln!(
-            s,
-            "scenario {} ({v}), QoS {}, {} clients, {} B payload, {rate}",
-            self.scenario, self.qos, self.clients, self.size
-        );
+        if self.connected.is_some() {
+            let _ = writeln!(s, "scenario {} ({v}), {} clients", self.scenario, self.clients);
+        } else {
+            let rate = if self.rate == 0 { "flat out".to_string() } else { format!("{} msg/s", self.rate) };
+            let _ = writeln!(
+                s,
+                "scenario {} ({v}), QoS {}, {} clients, {} B payload, {rate}",
+                self.scenario, self.qos, self.clients, self.size
+            );
+        }
         if let Some(published) = self.published {
             let _ = writeln!(
                 s,
