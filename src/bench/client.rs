@@ -26,6 +26,8 @@ pub(crate) struct Conn {
     rbuf: BytesMut,
     pub wbuf: BytesMut,
     pub version: ProtocolVersion,
+    /// The broker's Receive Maximum from CONNACK (MQTT 5; 65535 when absent).
+    pub receive_maximum: u16,
 }
 
 /// What `open` needs to reach the broker.
@@ -63,6 +65,7 @@ impl Conn {
             rbuf: BytesMut::with_capacity(dial.buffer),
             wbuf: BytesMut::with_capacity(dial.buffer),
             version: dial.version,
+            receive_maximum: u16::MAX,
         };
         let connect = Connect {
             protocol: ProtocolVersionOrDefault(dial.version),
@@ -74,7 +77,10 @@ impl Conn {
         conn.queue(&Packet::Connect(connect))?;
         conn.flush().await?;
         match conn.recv(dial.deadline).await? {
-            Packet::ConnAck(ack) if ack.reason_code == 0 => Ok(conn),
+            Packet::ConnAck(ack) if ack.reason_code == 0 => {
+                conn.receive_maximum = ack.properties.receive_maximum.unwrap_or(u16::MAX).max(1);
+                Ok(conn)
+            }
             Packet::ConnAck(ack) => Err(BenchError::Refused { what: name, code: ack.reason_code }),
             other => Err(conn.unexpected("CONNACK", &other)),
         }
@@ -198,6 +204,12 @@ impl Conn {
     }
 
     pub fn unexpected(&self, wanted: &str, got: &Packet) -> BenchError {
+        if let Packet::Disconnect(d) = got {
+            return BenchError::Refused {
+                what: format!("{} disconnected by the broker", self.name),
+                code: d.reason_code,
+            };
+        }
         BenchError::Unexpected {
             what: self.name.clone(),
             detail: format!("wanted {wanted}, got {}", kind(got)),
