@@ -18,6 +18,9 @@
 #   ROUNDS         A,B,B,A blocks per case (default 1 -> 2 runs of each broker)
 #   OUT            directory for logs and raw RESULT lines (default: a new temp dir)
 #   BENCH_TIMEOUT  --timeout of each tool run in seconds (default 180)
+#   CHRT           if set (e.g. 10), run broker and tool under `chrt -f $CHRT`
+#                  (SCHED_FIFO, needs root): on a machine shared with other
+#                  work this removes most preemption noise (see docs/BENCHMARKS.md)
 #
 # Output: one line per run, then per case the median of each figure per broker
 # and the ratio raftmq/mosquitto with the target. Raw lines are kept in
@@ -32,6 +35,8 @@ BENCH_CMD=${BENCH_CMD:-$RAFTMQ_BIN bench}
 BROKERS=${BROKERS:-raftmq mosquitto}
 ROUNDS=${ROUNDS:-1}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-180}
+rt=()
+if [[ -n "${CHRT:-}" ]]; then rt=(chrt -f "$CHRT"); fi
 OUT=${OUT:-$(mktemp -d /tmp/raftmq-compare.XXXXXX)}
 mkdir -p "$OUT"
 results=$OUT/results.txt
@@ -120,7 +125,7 @@ log_dest stderr
 log_type error
 max_queued_messages 1000000
 CONF
-  "$MOSQUITTO_BIN" -c "$dir/mosquitto.conf" 2>"$dir/broker.log" &
+  "${rt[@]}" "$MOSQUITTO_BIN" -c "$dir/mosquitto.conf" 2>"$dir/broker.log" &
   broker_pid=$!
 }
 
@@ -128,7 +133,7 @@ start_raftmq() {
   local port=$1 dir=$2 admin
   admin=$(free_port)
   mkdir -p "$dir/data"
-  "$RAFTMQ_BIN" serve --mqtt-listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" \
+  "${rt[@]}" "$RAFTMQ_BIN" serve --mqtt-listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" \
     --data-dir "$dir/data" 2>"$dir/broker.log" >/dev/null &
   broker_pid=$!
 }
@@ -145,7 +150,7 @@ run_one() {
     return 0
   fi
   # shellcheck disable=SC2086 # BENCH_CMD and CASE_ARGS hold several words on purpose
-  if $BENCH_CMD --host 127.0.0.1 --port "$port" --broker-pid "$broker_pid" --threads 1 \
+  if "${rt[@]}" $BENCH_CMD --host 127.0.0.1 --port "$port" --broker-pid "$broker_pid" --threads 1 \
     --timeout "$BENCH_TIMEOUT" ${CASE_ARGS[$case]} >"$dir/bench.out" 2>"$dir/bench.err"; then
     line=$(grep '^RESULT ' "$dir/bench.out" | tail -n 1)
   else
