@@ -20,6 +20,9 @@ use crate::protocol::{
 /// Largest packet accepted from the broker.
 const MAX_INCOMING_PACKET: usize = 256 * 1024 * 1024;
 
+/// Bytes made room for before a read when the read buffer is nearly full.
+const READ_CHUNK: usize = 16 * 1024;
+
 pub(crate) struct Conn {
     pub name: String,
     stream: TcpStream,
@@ -143,8 +146,11 @@ impl Conn {
 
     /// Reads once from the socket into the read buffer. Cancel safe.
     pub async fn fill(&mut self) -> Result<(), BenchError> {
-        if self.rbuf.capacity() - self.rbuf.len() < 4096 {
-            self.rbuf.reserve(64 * 1024);
+        // Ask for less than the buffer's size: once the decoded packets before the
+        // unread tail are dropped, BytesMut then moves the short tail to the front
+        // of its allocation instead of reallocating and copying everything.
+        if self.rbuf.capacity() - self.rbuf.len() < 1024 {
+            self.rbuf.reserve(READ_CHUNK);
         }
         match self.stream.read_buf(&mut self.rbuf).await {
             Ok(0) => Err(BenchError::Closed(self.name.clone())),
