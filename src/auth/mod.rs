@@ -95,9 +95,10 @@ pub enum AuthError {
     BadLine { path: PathBuf, line: usize, reason: String },
 }
 
-/// The authentication keys of the `[mqtt]` section.
+/// The authentication keys of the `[mqtt]` section. No `deny_unknown_fields`: the
+/// configuration may `#[serde(flatten)]` this into its `[mqtt]` struct.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct AuthConfig {
     /// Clients without a user name may connect.
     pub allow_anonymous: bool,
@@ -162,3 +163,6 @@ impl Authenticator for StaticAuthenticator {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
