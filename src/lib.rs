@@ -4,3 +4,4 @@
 
 pub mod protocol;
 pub mod auth;
+pub mod listener;
