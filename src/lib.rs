@@ -2,6 +2,7 @@
 //!
 //! See docs/ARCHITECTURE.md for the layout and the path of a message.
 
-pub mod protocol;
+pub mod admin;
 pub mod auth;
 pub mod listener;
+pub mod protocol;

@@ -318,7 +318,7 @@ impl ConnSetup {
         let path = self.path.as_deref();
         match (self.kind, &self.tls) {
             (ListenerKind::Tcp, _) => Ok(ClientStream::Tcp(socket)),
-            (ListenerKind::Ws, _) => Ok(ClientStream::Ws(ws::accept(socket, path).await?)),
+            (ListenerKind::Ws, _) => Ok(ClientStream::Ws(Box::new(ws::accept(socket, path).await?))),
             (ListenerKind::Tls, Some(tls)) => Ok(ClientStream::Tls(Box::new(tls.accept(socket).await?))),
             (ListenerKind::Wss, Some(tls)) => {
                 let tls_stream = tls.accept(socket).await?;

@@ -14,12 +14,12 @@ use super::ListenerKind;
 
 /// One client connection after its handshakes. An enum rather than a boxed trait
 /// object: no allocation per read, and the broker can ask for transport details.
-/// The TLS variants are boxed because a rustls connection is large.
+/// Variants other than TCP are boxed: rustls and tungstenite state is large.
 #[derive(Debug)]
 pub enum ClientStream {
     Tcp(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
-    Ws(WsStream<TcpStream>),
+    Ws(Box<WsStream<TcpStream>>),
     Wss(Box<WsStream<TlsStream<TcpStream>>>),
 }
 
@@ -60,7 +60,7 @@ impl AsyncRead for ClientStream {
         match self.get_mut() {
             ClientStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-            ClientStream::Ws(s) => Pin::new(s).poll_read(cx, buf),
+            ClientStream::Ws(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
             ClientStream::Wss(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
@@ -71,7 +71,7 @@ impl AsyncWrite for ClientStream {
         match self.get_mut() {
             ClientStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-            ClientStream::Ws(s) => Pin::new(s).poll_write(cx, buf),
+            ClientStream::Ws(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             ClientStream::Wss(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
@@ -84,7 +84,7 @@ impl AsyncWrite for ClientStream {
         match self.get_mut() {
             ClientStream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-            ClientStream::Ws(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            ClientStream::Ws(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
             ClientStream::Wss(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
@@ -102,7 +102,7 @@ impl AsyncWrite for ClientStream {
         match self.get_mut() {
             ClientStream::Tcp(s) => Pin::new(s).poll_flush(cx),
             ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-            ClientStream::Ws(s) => Pin::new(s).poll_flush(cx),
+            ClientStream::Ws(s) => Pin::new(s.as_mut()).poll_flush(cx),
             ClientStream::Wss(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
@@ -111,7 +111,7 @@ impl AsyncWrite for ClientStream {
         match self.get_mut() {
             ClientStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-            ClientStream::Ws(s) => Pin::new(s).poll_shutdown(cx),
+            ClientStream::Ws(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             ClientStream::Wss(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }

@@ -30,6 +30,8 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let path = path.map(str::to_owned);
+    // The callback's signature (a large http::Response as error) is tungstenite's.
+    #[allow(clippy::result_large_err)]
     let callback = move |request: &Request, mut response: Response| -> Result<Response, ErrorResponse> {
         if let Some(expected) = &path {
             if request.uri().path() != expected {
@@ -61,10 +63,7 @@ fn choose_subprotocol(request: &Request) -> Option<HeaderValue> {
         .map(str::trim)
         .collect();
     SUBPROTOCOLS.iter().find_map(|wanted| {
-        offered
-            .iter()
-            .find(|o| o.eq_ignore_ascii_case(wanted))
-            .and_then(|o| HeaderValue::from_str(o).ok())
+        offered.iter().find(|o| o.eq_ignore_ascii_case(wanted)).and_then(|o| HeaderValue::from_str(o).ok())
     })
 }
 
@@ -100,7 +99,11 @@ fn to_io(e: WsError) -> io::Error {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsStream<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         if buf.remaining() == 0 {
             return Poll::Ready(Ok(()));
