@@ -13,6 +13,7 @@
 mod stream;
 mod tls;
 mod ws;
+mod x509;
 
 use std::future::Future;
 use std::net::SocketAddr;

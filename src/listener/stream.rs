@@ -53,6 +53,12 @@ impl ClientStream {
             ClientStream::Wss(s) => s.get_ref().get_ref().1.peer_certificates(),
         }
     }
+
+    /// The subject common name (CN) of the client's verified certificate, if any.
+    pub fn peer_cert_common_name(&self) -> Option<String> {
+        let leaf = self.peer_certificates()?.first()?;
+        super::x509::subject_common_name(leaf.as_ref())
+    }
 }
 
 impl AsyncRead for ClientStream {

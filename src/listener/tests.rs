@@ -36,6 +36,7 @@ struct Seen {
     kind: ListenerKind,
     nodelay: bool,
     client_certs: usize,
+    client_cn: Option<String>,
     peer: SocketAddr,
 }
 
@@ -58,6 +59,7 @@ fn start(listener: Listener) -> Running {
                 kind: stream.kind(),
                 nodelay: stream.tcp().nodelay().unwrap_or(false),
                 client_certs: stream.peer_certificates().map_or(0, |c| c.len()),
+                client_cn: stream.peer_cert_common_name(),
                 peer,
             };
             let _ = tx.send(info).await;
@@ -245,6 +247,7 @@ async fn tls_required_client_cert() {
     echo_round_trip(&mut client, &[b"abc"]).await;
     let seen = within("handler", running.seen.recv()).await.unwrap();
     assert_eq!(seen.client_certs, 1);
+    assert_eq!(seen.client_cn.as_deref(), Some("client-1"));
     // The refused client never reached the handler: the first connection handled is
     // the one with a certificate.
     assert_eq!(seen.peer, client.get_ref().0.local_addr().unwrap());
@@ -315,6 +318,13 @@ async fn websocket_mqtt_subprotocol_and_split_frames() {
     let seen = within("handler", running.seen.recv()).await.unwrap();
     assert_eq!(seen.kind, ListenerKind::Ws);
     assert!(seen.nodelay);
+    // Pings are answered and do not disturb the byte stream.
+    within("ws ping", ws.send(Message::Ping(b"hi".to_vec().into()))).await.unwrap();
+    match within("ws pong", ws.next()).await {
+        Some(Ok(Message::Pong(p))) => assert_eq!(&p[..], b"hi"),
+        other => panic!("expected a pong, got {other:?}"),
+    }
+    ws_echo(&mut ws, &[b"\xe0\x00"]).await;
 
     // The older subprotocol name is answered too; "mqtt" wins when both are offered.
     let tcp = TcpStream::connect(running.addr).await.unwrap();
