@@ -3,4 +3,5 @@
 //! See docs/ARCHITECTURE.md for the layout and the path of a message.
 
 pub mod protocol;
+pub mod state;
 pub mod topic;
