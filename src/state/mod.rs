@@ -38,6 +38,8 @@ pub mod pb {
 
 mod session;
 mod snapshot;
+#[cfg(test)]
+mod tests;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
