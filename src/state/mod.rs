@@ -41,7 +41,7 @@ mod snapshot;
 #[cfg(test)]
 mod tests;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use prost::Message as _;
@@ -131,7 +131,8 @@ pub struct Applied {
     /// Release: one entry, whether the packet id was recorded.
     pub existed: Vec<bool>,
     /// SessionOpen: QoS 0 messages queued while offline, removed from the
-    /// queue, to be sent once.
+    /// queue, to be sent once. Subscribe with `queue_retained`: the QoS 0
+    /// retained messages to send.
     pub qos0_to_send: Vec<Delivery>,
     /// Publish: the incoming QoS 2 packet id was already recorded, so the
     /// message was not routed again.
@@ -152,6 +153,9 @@ pub struct State {
     now_ms: u64,
     sessions: BTreeMap<String, Session>,
     retained: BTreeMap<String, Retained>,
+    /// (expires_at_ms, topic) of retained messages that expire, so a Tick
+    /// only looks at what is due. Derived; rebuilt on restore.
+    retained_expiry: BTreeSet<(u64, String)>,
     /// Persistent sessions' non-shared subscriptions: filter -> client id -> options.
     tree: SubscriptionTree<String, SubOptions>,
 }
@@ -201,6 +205,7 @@ impl State {
             now_ms: 0,
             sessions: BTreeMap::new(),
             retained: BTreeMap::new(),
+            retained_expiry: BTreeSet::new(),
             tree: SubscriptionTree::new(),
         }
     }
@@ -377,16 +382,39 @@ impl State {
                 return Err(StateError::InvalidRetainHandling(sub.retain_handling));
             }
         }
-        let s = self
-            .sessions
-            .get_mut(&c.client_id)
-            .ok_or_else(|| StateError::UnknownSession(c.client_id.clone()))?;
+        let now = self.now_ms;
+        let State { sessions, tree, retained, limits, .. } = self;
+        let s =
+            sessions.get_mut(&c.client_id).ok_or_else(|| StateError::UnknownSession(c.client_id.clone()))?;
         for sub in &c.subscriptions {
             let existed = s.subscriptions.insert(sub.filter.clone(), sub.clone()).is_some();
-            if topic::parse_shared(&sub.filter).is_none() {
-                self.tree.insert(&sub.filter, c.client_id.clone(), SubOptions::from_pb(sub));
-            }
             out.existed.push(existed);
+            if topic::parse_shared(&sub.filter).is_some() {
+                continue;
+            }
+            tree.insert(&sub.filter, c.client_id.clone(), SubOptions::from_pb(sub));
+            let wanted = match sub.retain_handling {
+                0 => true,
+                1 => !existed,
+                _ => false,
+            };
+            if !(c.queue_retained && wanted) {
+                continue;
+            }
+            // Retained-on-subscribe copies always carry RETAIN=1.
+            let ids = if sub.subscription_id != 0 { vec![sub.subscription_id] } else { Vec::new() };
+            let sub_qos = sub.qos.min(2) as u8;
+            for r in retained_matching(retained, &sub.filter, now) {
+                let m = &r.message;
+                let msg_qos = m.qos.min(2) as u8;
+                if msg_qos.min(sub_qos) == 0 && s.online {
+                    let d =
+                        Delivery { message: m.clone(), qos: 0, retain: true, subscription_ids: ids.clone() };
+                    out.qos0_to_send.push(d);
+                } else {
+                    deliver(s, limits, m, msg_qos, sub_qos, true, ids.clone(), out);
+                }
+            }
         }
         Ok(())
     }
@@ -440,9 +468,9 @@ impl State {
         }
         if m.retain {
             if m.payload.is_empty() {
-                self.retained.remove(&m.topic);
+                self.remove_retained(&m.topic);
             } else {
-                self.retained.insert(m.topic.clone(), Retained { message: m.clone(), set_at_ms: now });
+                self.set_retained(Retained { message: m.clone(), set_at_ms: now });
             }
         }
         let msg_qos = m.qos.min(2) as u8;
@@ -559,7 +587,30 @@ impl State {
         for s in self.sessions.values_mut() {
             s.expire_queue(now);
         }
-        self.retained.retain(|_, r| !message_expired(&r.message, now));
+        while let Some((at, _)) = self.retained_expiry.first() {
+            if *at > now {
+                break;
+            }
+            if let Some((_, topic)) = self.retained_expiry.pop_first() {
+                self.retained.remove(&topic);
+            }
+        }
+    }
+
+    fn set_retained(&mut self, r: Retained) {
+        self.remove_retained(&r.message.topic);
+        if r.message.expires_at_ms != 0 {
+            self.retained_expiry.insert((r.message.expires_at_ms, r.message.topic.clone()));
+        }
+        self.retained.insert(r.message.topic.clone(), r);
+    }
+
+    fn remove_retained(&mut self, topic: &str) {
+        if let Some(old) = self.retained.remove(topic) {
+            if old.message.expires_at_ms != 0 {
+                self.retained_expiry.remove(&(old.message.expires_at_ms, old.message.topic.clone()));
+            }
+        }
     }
 
     pub fn session(&self, client_id: &str) -> Option<&Session> {
@@ -592,24 +643,7 @@ impl State {
     /// Retained messages matching a subscription filter, not expired at
     /// `now_ms`, in topic order. A shared filter gets none (MQTT 5 4.8.2).
     pub fn retained_matching(&self, filter: &str, now_ms: u64) -> Vec<&pb::Message> {
-        if filter.starts_with(topic::SHARED_PREFIX) {
-            return Vec::new();
-        }
-        let live = |r: &&Retained| !message_expired(&r.message, now_ms);
-        if !filter.contains(['+', '#']) {
-            return self.retained.get(filter).filter(live).map(|r| &*r.message).into_iter().collect();
-        }
-        // Only topics starting with the filter's literal levels can match.
-        let wild = filter.split('/').position(|l| l == "+" || l == "#").unwrap_or(0);
-        let prefix_len: usize = filter.split('/').take(wild).map(|l| l.len() + 1).sum();
-        // "a/#" also matches "a": compare without the trailing '/'.
-        let prefix = &filter[..prefix_len.saturating_sub(1)];
-        self.retained
-            .range::<str, _>((std::ops::Bound::Included(prefix), std::ops::Bound::Unbounded))
-            .take_while(|(t, _)| t.starts_with(prefix))
-            .filter(|(t, r)| live(r) && topic::matches(filter, t))
-            .map(|(_, r)| &*r.message)
-            .collect()
+        retained_matching(&self.retained, filter, now_ms).into_iter().map(|r| &*r.message).collect()
     }
 
     /// The canonical snapshot: sessions by client id, retained by topic.
@@ -645,6 +679,32 @@ impl State {
     pub fn digest(&self) -> [u8; 32] {
         Sha256::digest(self.snapshot_bytes()).into()
     }
+}
+
+/// Retained entries matching `filter`, live at `now_ms`, in topic order.
+fn retained_matching<'a>(
+    retained: &'a BTreeMap<String, Retained>,
+    filter: &str,
+    now_ms: u64,
+) -> Vec<&'a Retained> {
+    if filter.starts_with(topic::SHARED_PREFIX) {
+        return Vec::new();
+    }
+    let live = |r: &&Retained| !message_expired(&r.message, now_ms);
+    if !filter.contains(['+', '#']) {
+        return retained.get(filter).filter(live).into_iter().collect();
+    }
+    // Only topics starting with the filter's literal levels can match.
+    let wild = filter.split('/').position(|l| l == "+" || l == "#").unwrap_or(0);
+    let prefix_len: usize = filter.split('/').take(wild).map(|l| l.len() + 1).sum();
+    // "a/#" also matches "a": compare without the trailing '/'.
+    let prefix = &filter[..prefix_len.saturating_sub(1)];
+    retained
+        .range::<str, _>((std::ops::Bound::Included(prefix), std::ops::Bound::Unbounded))
+        .take_while(|(t, _)| t.starts_with(prefix))
+        .filter(|(t, r)| live(r) && topic::matches(filter, t))
+        .map(|(_, r)| r)
+        .collect()
 }
 
 /// Gives one session its copy of `m`: QoS 1/2 into the window while it has

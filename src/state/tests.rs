@@ -43,7 +43,11 @@ fn subscription(filter: &str, qos: u32) -> pb::Subscription {
 }
 
 fn sub_with(client: &str, subs: Vec<pb::Subscription>) -> pb::Command {
-    cmd(Cmd::Subscribe(pb::Subscribe { client_id: client.into(), subscriptions: subs }))
+    cmd(Cmd::Subscribe(pb::Subscribe {
+        client_id: client.into(),
+        subscriptions: subs,
+        queue_retained: false,
+    }))
 }
 
 fn sub(client: &str, filter: &str, qos: u32) -> pb::Command {
@@ -294,6 +298,69 @@ fn retained_set_replace_clear_and_expire() {
     run1(&mut st, 1000, tick());
     assert_eq!(st.retained("x"), None);
     assert_eq!(st.retained_count(), 1);
+}
+
+#[test]
+fn replacing_an_expiring_retained_message_forgets_the_old_expiry() {
+    let mut st = State::new(limits());
+    let r = |p: &'static str, exp| pb::Message { retain: true, expires_at_ms: exp, ..msg("t", p, 0) };
+    run1(&mut st, 1, publish_msg(r("old", 1000)));
+    run1(&mut st, 2, publish_msg(r("new", 0)));
+    run1(&mut st, 5000, tick());
+    assert_eq!(st.retained("t").map(|m| m.payload.clone()), Some(Bytes::from("new")));
+    run1(&mut st, 5001, publish_msg(r("later", 9000)));
+    run1(&mut st, 8999, tick());
+    assert!(st.retained("t").is_some());
+    run1(&mut st, 9000, tick());
+    assert!(st.retained("t").is_none());
+}
+
+#[test]
+fn subscribe_can_queue_retained_messages_through_the_session() {
+    let mut st = State::new(limits());
+    for (t, q) in [("r/a", 1), ("r/b", 0), ("r/c", 2)] {
+        run1(&mut st, 1, publish_msg(pb::Message { retain: true, ..msg(t, "p", q) }));
+    }
+    run1(&mut st, 2, open(C1, false, 100));
+    let subscribe = |rh: u32, queue_retained: bool| {
+        let s = pb::Subscription { retain_handling: rh, subscription_id: 4, ..subscription("r/+", 2) };
+        cmd(Cmd::Subscribe(pb::Subscribe { client_id: C1.into(), subscriptions: vec![s], queue_retained }))
+    };
+    let a = run1(&mut st, 3, subscribe(1, true));
+    let q0: Vec<&str> = a.qos0_to_send.iter().map(|d| d.message.topic.as_str()).collect();
+    assert_eq!(q0, vec!["r/b"]);
+    assert!(a.qos0_to_send.iter().all(|d| d.retain && d.subscription_ids == vec![4]));
+    let s = st.session(C1).expect("session");
+    let got: Vec<(u16, &str, u8, bool)> = s
+        .inflight()
+        .map(|e| (e.packet_id, e.delivery.message.topic.as_str(), e.delivery.qos, e.delivery.retain))
+        .collect();
+    assert_eq!(got, vec![(1, "r/a", 1, true), (2, "r/c", 2, true)]);
+    assert!(a.events.contains(&Event::Deliver { client_id: C1.into() }));
+    // Retain Handling 1: the subscription exists now, so nothing is sent again.
+    let a = run1(&mut st, 4, subscribe(1, true));
+    assert!(a.qos0_to_send.is_empty());
+    assert_eq!(st.session(C1).map(|s| s.inflight_len()), Some(2));
+    // Retain Handling 0 sends again; 2 never; without queue_retained the broker does it.
+    assert_eq!(run1(&mut st, 5, subscribe(0, true)).qos0_to_send.len(), 1);
+    assert_eq!(st.session(C1).map(|s| s.inflight_len()), Some(4));
+    assert!(run1(&mut st, 6, subscribe(2, true)).qos0_to_send.is_empty());
+    assert!(run1(&mut st, 7, subscribe(0, false)).qos0_to_send.is_empty());
+    assert_eq!(st.session(C1).map(|s| s.inflight_len()), Some(4));
+}
+
+#[test]
+fn inflight_after_lists_only_new_entries() {
+    let mut st = State::new(limits());
+    run(&mut st, 1, vec![open(C1, false, 100), sub(C1, "t", 1), publish("t", "a", 1), publish("t", "b", 1)]);
+    let s = st.session(C1).expect("session");
+    let all: Vec<(u64, u16)> = s.inflight_after(None).map(|(q, e)| (q, e.packet_id)).collect();
+    assert_eq!(all.len(), 2);
+    let last = all[1].0;
+    run1(&mut st, 2, publish("t", "c", 1));
+    let s = st.session(C1).expect("session");
+    let new: Vec<u16> = s.inflight_after(Some(last)).map(|(_, e)| e.packet_id).collect();
+    assert_eq!(new, vec![3]);
 }
 
 #[test]
@@ -659,10 +726,10 @@ fn arb_command() -> impl Strategy<Value = pb::Command> {
     let filter = prop::sample::select(vec!["a", "a/+", "#", "b", "$share/g/a/#"]);
     let payload = prop::sample::select(vec!["", "p", "payload"]);
     prop_oneof![
-        (
+        2 => (
             client.clone(),
-            any::<bool>(),
-            prop::sample::select(vec![0u32, 1, 5, EXPIRY_NEVER]),
+            prop::bool::weighted(0.2),
+            prop::sample::select(vec![0u32, 1, 5, 100, EXPIRY_NEVER]),
             0u32..4,
             any::<bool>()
         )
@@ -678,56 +745,71 @@ fn arb_command() -> impl Strategy<Value = pb::Command> {
                     ..open_cmd(c, clean, exp)
                 }))
             }),
-        (client.clone(), any::<bool>(), prop::option::of(0u32..3)).prop_map(|(c, w, e)| close(c, w, e)),
-        (client.clone(), filter.clone(), 0u32..3, 0u32..3, any::<bool>()).prop_map(|(c, f, q, id, rap)| {
-            sub_with(
-                c,
-                vec![pb::Subscription {
+        1 => (client.clone(), any::<bool>(), prop::option::weighted(0.3, prop::sample::select(vec![0u32, 2, 100])))
+            .prop_map(|(c, w, e)| close(c, w, e)),
+        3 => (client.clone(), filter.clone(), 0u32..3, 0u32..3, any::<bool>(), 0u32..3, any::<bool>()).prop_map(
+            |(c, f, q, id, rap, rh, queue_retained)| {
+                let s = pb::Subscription {
                     subscription_id: id,
                     retain_as_published: rap,
+                    retain_handling: rh,
                     ..subscription(f, q)
-                }],
-            )
-        }),
-        (client.clone(), filter).prop_map(|(c, f)| {
+                };
+                cmd(Cmd::Subscribe(pb::Subscribe {
+                    client_id: c.into(),
+                    subscriptions: vec![s],
+                    queue_retained,
+                }))
+            }
+        ),
+        1 => (client.clone(), filter).prop_map(|(c, f)| {
             cmd(Cmd::Unsubscribe(pb::Unsubscribe { client_id: c.into(), filters: vec![f.into()] }))
         }),
-        (
+        8 => (
             topic,
             payload,
             0u32..3,
-            any::<bool>(),
-            prop::option::of(0u64..5000),
+            prop::bool::weighted(0.2),
+            prop::option::weighted(0.3, 0u64..20_000),
             client.clone(),
-            prop::option::of(1u32..4)
+            prop::option::weighted(0.3, 1u32..4),
+            prop::option::weighted(0.3, client.clone()),
         )
-            .prop_map(|(t, p, q, retain, exp, from, qos2)| {
+            .prop_map(|(t, p, q, retain, exp, from, qos2, shared)| {
                 cmd(Cmd::Publish(pb::Publish {
                     message: Some(pb::Message { retain, expires_at_ms: exp.unwrap_or(0), ..msg(t, p, q) }),
                     publisher_client_id: from.into(),
-                    shared_targets: vec![pb::SharedTarget { client_id: "c2".into(), filter: String::new() }],
+                    shared_targets: shared
+                        .map(|c| pb::SharedTarget { client_id: c.into(), filter: String::new() })
+                        .into_iter()
+                        .collect(),
                     incoming_qos2_packet_id: qos2,
                 }))
             }),
-        (client.clone(), 1u32..6, 1i32..4).prop_map(|(c, id, k)| {
+        4 => (client.clone(), 1u32..8, 1i32..4).prop_map(|(c, id, k)| {
             cmd(Cmd::Ack(pb::Ack {
                 acks: vec![pb::AckEntry { client_id: c.into(), packet_id: id, kind: k }],
             }))
         }),
-        (client.clone(), 1u32..4)
+        1 => (client.clone(), 1u32..4)
             .prop_map(|(c, id)| cmd(Cmd::Release(pb::Release { client_id: c.into(), packet_id: id }))),
-        Just(tick()),
+        1 => Just(tick()),
     ]
 }
 
 fn arb_batches() -> impl Strategy<Value = Vec<pb::Batch>> {
-    prop::collection::vec((0u64..2000, prop::collection::vec(arb_command(), 1..6)), 1..25).prop_map(|bs| {
+    prop::collection::vec((0u64..2000, prop::collection::vec(arb_command(), 1..8)), 1..30).prop_map(|bs| {
+        // Start with every client's session open, so most commands hit one.
+        let first = pb::Batch {
+            now_ms: 0,
+            commands: vec![open("c1", false, 100), open("c2", false, 100), open("c3", false, 100)],
+        };
         let mut now = 0;
-        bs.into_iter()
-            .map(|(dt, commands)| {
+        std::iter::once(first)
+            .chain(bs.into_iter().map(|(dt, commands)| {
                 now += dt;
                 pb::Batch { now_ms: now, commands }
-            })
+            }))
             .collect()
     })
 }
@@ -770,7 +852,11 @@ proptest! {
         prop_assert_eq!(orig.digest(), restored.digest());
         // Invariants that every State keeps.
         for (_, s) in orig.sessions() {
-            prop_assert!(s.inflight_len() <= s.window(small_limits().max_inflight));
+            // Something waits in the queue only while the window is full (a
+            // resume with a smaller Receive Maximum may leave it over-full).
+            if s.queued_qos12 > 0 {
+                prop_assert!(s.inflight_len() >= s.window(small_limits().max_inflight));
+            }
             prop_assert!(s.queue_len() <= 3);
             prop_assert!(s.queued_bytes() <= 40);
             prop_assert_eq!(s.queued_bytes(), s.queue().map(Delivery::size).sum::<usize>());
