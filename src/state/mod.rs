@@ -257,6 +257,7 @@ impl State {
             }
             Cmd::Ack(c) => self.ack(c, &mut out),
             Cmd::Tick(_) => self.tick(&mut out),
+            Cmd::ResetConnections(c) => self.reset_connections(c, &mut out),
         }
         Ok(out)
     }
@@ -293,7 +294,6 @@ impl State {
     }
 
     fn session_close(&mut self, c: &pb::SessionClose, out: &mut Applied) -> Result<(), StateError> {
-        let now = self.now_ms;
         let s = self
             .sessions
             .get_mut(&c.client_id)
@@ -305,10 +305,28 @@ impl State {
         if let Some(e) = c.session_expiry_s {
             s.session_expiry_s = e;
         }
+        self.go_offline(&c.client_id, c.publish_will, out);
+        Ok(())
+    }
+
+    /// Every online session goes offline now, as if its connection closed.
+    fn reset_connections(&mut self, c: &pb::ResetConnections, out: &mut Applied) {
+        let online: Vec<String> =
+            self.sessions.values().filter(|s| s.online).map(|s| s.client_id.clone()).collect();
+        for client_id in online {
+            self.go_offline(&client_id, c.publish_wills, out);
+        }
+    }
+
+    /// The session's connection is gone at now: schedule or fire or delete the
+    /// will, and end the session if its expiry is 0.
+    fn go_offline(&mut self, client_id: &str, publish_will: bool, out: &mut Applied) {
+        let now = self.now_ms;
+        let Some(s) = self.sessions.get_mut(client_id) else { return };
         s.online = false;
         s.disconnected_at_ms = now;
         let mut fire_now = false;
-        match (&s.will, c.publish_will) {
+        match (&s.will, publish_will) {
             (Some(w), true) => {
                 if w.delay_s == 0 {
                     fire_now = true;
@@ -320,12 +338,11 @@ impl State {
         }
         let ends = s.session_expiry_s == 0;
         if fire_now {
-            self.fire_will(&c.client_id, out);
+            self.fire_will(client_id, out);
         }
         if ends {
-            self.end_session(&c.client_id, out);
+            self.end_session(client_id, out);
         }
-        Ok(())
     }
 
     /// Removes a session and its tree entries; returns it.
@@ -474,6 +491,10 @@ impl State {
             }
         }
         let msg_qos = m.qos.min(2) as u8;
+        if msg_qos == 0 && !self.limits.queue_qos0_offline {
+            // QoS 0 copies are never kept here: nothing to do.
+            return;
+        }
         let State { tree, sessions, limits, .. } = self;
 
         let mut targets: Vec<Target<'_>> = Vec::new();

@@ -672,6 +672,22 @@ fn stale_close_after_takeover_is_ignored() {
 }
 
 #[test]
+fn reset_connections_takes_every_session_offline() {
+    let mut st = State::new(limits());
+    run(&mut st, 1000, vec![open_with_will(C1, will("w1", 0), 100), open_with_will(C2, will("w2", 0), 0)]);
+    run(&mut st, 1000, vec![open("c3", false, 100), close("c3", false, None)]);
+    let a = run1(&mut st, 2000, cmd(Cmd::ResetConnections(pb::ResetConnections { publish_wills: true })));
+    let mut topics: Vec<&str> = published(&a).iter().map(|m| m.topic.as_str()).collect();
+    topics.sort();
+    assert_eq!(topics, vec!["w1", "w2"]);
+    assert_eq!(ended(&a), vec![C2], "expiry 0 ends the session");
+    let s = st.session(C1).expect("kept");
+    assert!(!s.online());
+    assert_eq!(s.disconnected_at_ms(), 2000);
+    assert_eq!(st.session("c3").map(|s| s.disconnected_at_ms()), Some(1000), "offline ones untouched");
+}
+
+#[test]
 fn time_never_goes_back() {
     let mut st = State::new(limits());
     run1(&mut st, 5000, open(C1, false, 1));
@@ -794,6 +810,7 @@ fn arb_command() -> impl Strategy<Value = pb::Command> {
         1 => (client.clone(), 1u32..4)
             .prop_map(|(c, id)| cmd(Cmd::Release(pb::Release { client_id: c.into(), packet_id: id }))),
         1 => Just(tick()),
+        1 => any::<bool>().prop_map(|w| cmd(Cmd::ResetConnections(pb::ResetConnections { publish_wills: w }))),
     ]
 }
 
