@@ -28,7 +28,17 @@
 //! - Wills published by apply reach persistent sessions' non-shared
 //!   subscriptions here; [`Event::Published`] hands them to the broker for
 //!   everyone else (non-persistent sessions, shared groups).
+//! - Retained messages for a new subscription are sent by the broker, or,
+//!   with `Subscribe.queue_retained`, delivered through the session here (so a
+//!   persistent session's packet ids all come from the state).
+//! - A new leader (or a restarted node) proposes `ResetConnections` before
+//!   serving: the snapshot still marks the sessions of lost connections online.
 //! - `Limits` are configuration, not state: every replica must use the same.
+//!
+//! Reading for the broker: [`State::session`] gives a [`Session`]; a
+//! connection sends `Session::inflight_after(last seen)` on each
+//! [`Event::Deliver`], resends all of `Session::inflight` (DUP, or PUBREL for
+//! `awaiting_pubcomp`) on resume, and reports acks in batched `Ack` commands.
 
 pub mod pb {
     //! Generated from proto/state.proto.
@@ -511,18 +521,16 @@ impl State {
         });
         // Overlapping subscriptions of one session: one copy, max QoS, all ids.
         targets.sort_by(|a, b| a.client_id.cmp(b.client_id));
-        let mut merged: Vec<Target<'_>> = Vec::with_capacity(targets.len());
-        for t in targets {
-            match merged.last_mut() {
-                Some(last) if last.client_id == t.client_id => {
-                    last.qos = last.qos.max(t.qos);
-                    last.retain_as_published |= t.retain_as_published;
-                    last.ids.extend(t.ids);
-                }
-                _ => merged.push(t),
+        targets.dedup_by(|later, first| {
+            if later.client_id != first.client_id {
+                return false;
             }
-        }
-        for t in merged {
+            first.qos = first.qos.max(later.qos);
+            first.retain_as_published |= later.retain_as_published;
+            first.ids.append(&mut later.ids);
+            true
+        });
+        for t in targets {
             if let Some(s) = sessions.get_mut(t.client_id) {
                 deliver(s, limits, m, msg_qos, t.qos, t.retain_as_published, t.ids, out);
             }
