@@ -6,3 +6,5 @@ pub mod admin;
 pub mod auth;
 pub mod listener;
 pub mod protocol;
+pub mod state;
+pub mod topic;
