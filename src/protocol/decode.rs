@@ -219,6 +219,10 @@ fn decode_connect(r: &mut Reader) -> Result<Connect, DecodeError> {
     }
 
     let client_id = r.string()?;
+    if !v5 && client_id.is_empty() && !clean_start {
+        // MQTT 3.1.1 3.1.3.1: answered with return code 2 (identifier rejected).
+        return Err(DecodeError::EmptyClientIdWithoutCleanSession);
+    }
 
     let will = if will_flag {
         let mut wp = WillProperties::default();
@@ -400,12 +404,15 @@ fn decode_subscribe(r: &mut Reader, v5: bool) -> Result<Subscribe, DecodeError> 
             2 => RetainHandling::DoNotSend,
             _ => return Err(DecodeError::ProtocolViolation { ctx: r.ctx, what: "retain handling 3" }),
         };
-        let options = SubscriptionOptions {
-            qos,
-            no_local: o & 0x04 != 0,
-            retain_as_published: o & 0x08 != 0,
-            retain_handling,
-        };
+        let no_local = o & 0x04 != 0;
+        if no_local && filter.starts_with("$share/") {
+            return Err(DecodeError::ProtocolViolation {
+                ctx: r.ctx,
+                what: "no local on a shared subscription",
+            });
+        }
+        let options =
+            SubscriptionOptions { qos, no_local, retain_as_published: o & 0x08 != 0, retain_handling };
         r.push(&mut sub.filters, (filter, options))?;
     }
     Ok(sub)

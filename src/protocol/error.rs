@@ -79,6 +79,9 @@ pub enum DecodeError {
     /// MQTT 3.1.1: the password flag is set without the user name flag.
     #[error("CONNECT (MQTT 3.1.1): password without user name")]
     PasswordWithoutUsername,
+    /// MQTT 3.1.1: an empty client identifier requires clean session 1.
+    #[error("CONNECT (MQTT 3.1.1): empty client identifier with clean session 0")]
+    EmptyClientIdWithoutCleanSession,
     /// A property identifier that MQTT 5 does not define.
     #[error("{ctx}: unknown property identifier {id:#04x}")]
     UnknownProperty { ctx: Ctx, id: u8 },
@@ -137,6 +140,7 @@ impl DecodeError {
             }
             PacketTooLarge { .. } | MemoryLimit { .. } => reason::PACKET_TOO_LARGE,
             TopicNameInvalid { .. } => reason::TOPIC_NAME_INVALID,
+            EmptyClientIdWithoutCleanSession => reason::CLIENT_IDENTIFIER_NOT_VALID,
         }
     }
 
@@ -148,7 +152,7 @@ impl DecodeError {
             InvalidProtocolName { .. } | UnsupportedProtocolVersion { .. } => {
                 Some(Ctx { packet: PacketType::Connect, version: None })
             }
-            PasswordWithoutUsername => {
+            PasswordWithoutUsername | EmptyClientIdWithoutCleanSession => {
                 Some(Ctx { packet: PacketType::Connect, version: Some(ProtocolVersion::V311) })
             }
             InvalidFlags { ctx, .. }

@@ -229,6 +229,16 @@ fn connect_property_errors() {
 }
 
 #[test]
+fn connect_v311_empty_client_id_needs_clean_session() {
+    let e = err(&pkt(0x10, &connect_body(4, 0, &[0, 0])), None);
+    assert_eq!(e, DecodeError::EmptyClientIdWithoutCleanSession);
+    assert_eq!(reason::connack_v311_code(e.reason_code()), 2);
+    assert_eq!(e.connack_version(), Some(ProtocolVersion::V311));
+    // MQTT 5 lets the server assign one whatever Clean Start says.
+    assert!(matches!(ok(&pkt(0x10, &connect_body(5, 0, &[0, 0, 0])), None), Packet::Connect(_)));
+}
+
+#[test]
 fn connect_will_topic_must_be_a_topic_name() {
     let rest = [0, 0, 0, 1, b'#', 0, 0];
     let e = err(&pkt(0x10, &connect_body(4, 0x06, &rest)), None);
@@ -561,6 +571,7 @@ fn subscribe_v5_options_and_errors() {
         (b"\x00\x01\x04\x0b\x01\x0b\x02\x00\x01a\x00", V5, 0x82), // twice
         (b"\x00\x00\x00\x01a\x00", V3, 0x82),                     // packet id 0
         (b"\x00\x01\x00\x01a", V3, 0x81),                         // options missing
+        (b"\x00\x01\x00\x00\x0a$share/g/a\x04", V5, 0x82),        // no local on a shared subscription
     ];
     for (body, v, code) in cases {
         let e = err(&pkt(0x82, body), *v);
@@ -748,7 +759,11 @@ fn round_trip_every_packet_both_versions() {
         let code = |c: u8| if v5 { c } else { 0 };
         let packets = vec![
             Packet::Connect(full_connect(v)),
-            Packet::Connect(Connect { protocol: ProtocolVersionOrDefault(v), ..Default::default() }),
+            Packet::Connect(Connect {
+                protocol: ProtocolVersionOrDefault(v),
+                clean_start: true,
+                ..Default::default()
+            }),
             Packet::ConnAck(ConnAck {
                 session_present: true,
                 reason_code: 0,
@@ -815,7 +830,7 @@ fn round_trip_every_packet_both_versions() {
                         "$share/g/#".into(),
                         SubscriptionOptions {
                             qos: QoS::AtLeastOnce,
-                            no_local: v5,
+                            no_local: false,
                             retain_as_published: v5,
                             retain_handling: if v5 {
                                 RetainHandling::SendIfNew
