@@ -57,22 +57,35 @@ pub fn decode(
     }
 
     let packet = if remaining == 0 {
-        // No body: nothing worth a frame (PINGREQ, PINGRESP, short DISCONNECT/AUTH).
+        // No body: PINGREQ, PINGRESP, short DISCONNECT/AUTH.
         buf.advance(total);
         decode_empty(ctx)?
-    } else {
+    } else if matches!(
+        ptype,
+        PacketType::Connect | PacketType::ConnAck | PacketType::Publish | PacketType::Auth
+    ) {
+        // Packets with binary fields: split the frame off so those fields (the
+        // PUBLISH payload above all) are zero-copy slices of it.
         let frame = buf.split_to(total).freeze();
-        let mut r = Reader {
-            buf: frame,
-            pos: header_len,
-            end: total,
-            ctx,
-            budget: max_packet_size,
-            max: max_packet_size,
-        };
-        let p = decode_body(&mut r, first)?;
+        let mut r = Reader::new(&frame, Some(&frame), header_len, ctx, max_packet_size);
+        let mut packet = decode_body(&mut r, first)?;
         r.finish()?;
-        p
+        let payload_at = r.payload_at;
+        if let Packet::Publish(p) = &mut packet {
+            if payload_at < total {
+                let mut payload = frame;
+                payload.advance(payload_at);
+                p.payload = payload;
+            }
+        }
+        packet
+    } else {
+        // Everything else is parsed in place: no reference count to touch.
+        let mut r = Reader::new(&buf[..total], None, header_len, ctx, max_packet_size);
+        let packet = decode_body(&mut r, first)?;
+        r.finish()?;
+        buf.advance(total);
+        packet
     };
     Ok(Some(packet))
 }
@@ -359,8 +372,10 @@ fn decode_publish(r: &mut Reader, first: u8, v5: bool) -> Result<Publish, Decode
         })?;
     }
     check_topic_name(r, &topic, properties.topic_alias.is_some())?;
-    let payload = r.rest();
-    Ok(Publish { dup, qos, retain, topic, packet_id, properties, payload })
+    // The caller turns the rest of the frame into the payload without copying.
+    r.payload_at = r.pos;
+    r.pos = r.end;
+    Ok(Publish { dup, qos, retain, topic, packet_id, properties, payload: Bytes::new() })
 }
 
 fn decode_pubresp(r: &mut Reader, v5: bool, valid: fn(u8) -> bool) -> Result<PubResp, DecodeError> {
@@ -610,10 +625,12 @@ fn known_property(id: u8) -> bool {
     )
 }
 
-/// A cursor over one complete frame. `end` is the end of the packet or, while
+/// A cursor over one complete packet. `end` is the end of the packet or, while
 /// reading a property block, the end of that block.
-struct Reader {
-    buf: Bytes,
+struct Reader<'a> {
+    buf: &'a [u8],
+    /// The same bytes as a frame, when binary fields should be zero-copy.
+    frame: Option<&'a Bytes>,
     pos: usize,
     end: usize,
     ctx: Ctx,
@@ -622,9 +639,15 @@ struct Reader {
     budget: usize,
     /// The max_packet_size the budget started from, for the error.
     max: usize,
+    /// Where a PUBLISH payload starts.
+    payload_at: usize,
 }
 
-impl Reader {
+impl<'a> Reader<'a> {
+    fn new(buf: &'a [u8], frame: Option<&'a Bytes>, pos: usize, ctx: Ctx, max: usize) -> Reader<'a> {
+        Reader { buf, frame, pos, end: buf.len(), ctx, budget: max, max, payload_at: buf.len() }
+    }
+
     #[inline]
     fn left(&self) -> usize {
         self.end - self.pos
@@ -709,7 +732,13 @@ impl Reader {
 
     fn take(&mut self, n: usize, what: &'static str) -> Result<Bytes, DecodeError> {
         self.need(n, what)?;
-        let b = self.buf.slice(self.pos..self.pos + n);
+        let b = match self.frame {
+            Some(f) => f.slice(self.pos..self.pos + n),
+            None => {
+                self.charge(n)?;
+                Bytes::copy_from_slice(&self.buf[self.pos..self.pos + n])
+            }
+        };
         self.pos += n;
         Ok(b)
     }
@@ -733,13 +762,6 @@ impl Reader {
         let s = s.to_owned();
         self.pos += n;
         Ok(s)
-    }
-
-    /// The rest of the packet (PUBLISH payload), zero-copy.
-    fn rest(&mut self) -> Bytes {
-        let b = self.buf.slice(self.pos..self.end);
-        self.pos = self.end;
-        b
     }
 
     fn charge(&mut self, n: usize) -> Result<(), DecodeError> {
