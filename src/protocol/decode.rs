@@ -130,6 +130,7 @@ fn check_flags(first: u8, ctx: Ctx) -> Result<(), DecodeError> {
 }
 
 /// Packets with remaining length 0.
+#[inline]
 fn decode_empty(ctx: Ctx) -> Result<Packet, DecodeError> {
     Ok(match ctx.packet {
         PacketType::PingReq => Packet::PingReq,
@@ -141,6 +142,7 @@ fn decode_empty(ctx: Ctx) -> Result<Packet, DecodeError> {
     })
 }
 
+#[inline(always)]
 fn decode_body(r: &mut Reader, first: u8) -> Result<Packet, DecodeError> {
     let v5 = r.ctx.version == Some(ProtocolVersion::V5);
     Ok(match r.ctx.packet {
@@ -378,6 +380,7 @@ fn decode_publish(r: &mut Reader, first: u8, v5: bool) -> Result<Publish, Decode
     Ok(Publish { dup, qos, retain, topic, packet_id, properties, payload: Bytes::new() })
 }
 
+#[inline]
 fn decode_pubresp(r: &mut Reader, v5: bool, valid: fn(u8) -> bool) -> Result<PubResp, DecodeError> {
     let packet_id = r.packet_id()?;
     let mut resp = PubResp::new(packet_id);

@@ -205,7 +205,8 @@ pub enum EncodeError {
     PacketTooLarge { packet: PacketType, len: usize },
     #[error("{packet}: value {value} does not fit a variable byte integer")]
     VarIntTooLarge { packet: PacketType, value: u32 },
-    #[error("{packet}: QoS > 0 requires a non-zero packet identifier")]
+    /// A PUBLISH of QoS > 0 without packet identifier, or a packet identifier 0.
+    #[error("{packet}: missing or zero packet identifier")]
     MissingPacketId { packet: PacketType },
     #[error("{packet} does not exist in MQTT 3.1.1")]
     NotInVersion { packet: PacketType },
