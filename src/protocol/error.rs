@@ -197,19 +197,25 @@ impl DecodeError {
 /// A packet that cannot be encoded.
 #[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
 pub enum EncodeError {
+    /// A UTF-8 string field over 65535 bytes.
     #[error("{packet}: string of {len} bytes exceeds 65535")]
     StringTooLong { packet: PacketType, len: usize },
+    /// A binary field (password, payload of a will, correlation data) over 65535 bytes.
     #[error("{packet}: binary data of {len} bytes exceeds 65535")]
     BinaryTooLong { packet: PacketType, len: usize },
+    /// The packet does not fit the 268,435,455 bytes a remaining length can express.
     #[error("{packet}: remaining length {len} exceeds {}", super::MAX_REMAINING_LENGTH)]
     PacketTooLarge { packet: PacketType, len: usize },
+    /// A subscription identifier (or property length) beyond 268,435,455.
     #[error("{packet}: value {value} does not fit a variable byte integer")]
-    VarIntTooLarge { packet: PacketType, value: u32 },
+    VarIntTooLarge { packet: PacketType, value: usize },
     /// A PUBLISH of QoS > 0 without packet identifier, or a packet identifier 0.
     #[error("{packet}: missing or zero packet identifier")]
     MissingPacketId { packet: PacketType },
+    /// AUTH asked for in MQTT 3.1.1.
     #[error("{packet} does not exist in MQTT 3.1.1")]
     NotInVersion { packet: PacketType },
+    /// MQTT 3.1.1 CONNECT with a password but no user name.
     #[error("CONNECT (MQTT 3.1.1): a password requires a user name")]
     PasswordWithoutUsername,
 }

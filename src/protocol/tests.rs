@@ -689,6 +689,14 @@ fn encode_errors_append_nothing() {
         &Packet::Connect(Connect { protocol: ProtocolVersionOrDefault(ProtocolVersion::V5), ..c }),
         ProtocolVersion::V5,
     );
+    let mut props = PublishProperties::default();
+    props.subscription_identifiers.push(268_435_456);
+    let p = Packet::Publish(Publish { topic: "t".into(), properties: props, ..Default::default() });
+    assert_eq!(
+        encode(&p, ProtocolVersion::V5, &mut out),
+        Err(EncodeError::VarIntTooLarge { packet: PacketType::Publish, value: 268_435_456 })
+    );
+    assert_eq!(&out[..], b"xy");
     let big = Packet::Publish(Publish {
         topic: "t".into(),
         payload: Bytes::from(vec![0u8; MAX_REMAINING_LENGTH]),
