@@ -50,6 +50,11 @@ pub fn decode(
     }
     let total = header_len + remaining;
     if total > max_packet_size {
+        let mut ctx = ctx;
+        if ptype == PacketType::Connect {
+            // Answer the CONNACK in the client's version when its level is buffered.
+            ctx.version = peek_connect_version(&buf[header_len..]);
+        }
         return Err(DecodeError::PacketTooLarge { ctx, size: total, max: max_packet_size });
     }
     if buf.len() < total {
@@ -88,6 +93,15 @@ pub fn decode(
         packet
     };
     Ok(Some(packet))
+}
+
+/// The version a CONNECT declares, read from its first bytes when present.
+fn peek_connect_version(body: &[u8]) -> Option<ProtocolVersion> {
+    match body.get(..7)? {
+        [0, 4, b'M', b'Q', b'T', b'T', 4] => Some(ProtocolVersion::V311),
+        [0, 4, b'M', b'Q', b'T', b'T', 5] => Some(ProtocolVersion::V5),
+        _ => None,
+    }
 }
 
 fn packet_type(first: u8, version: Option<ProtocolVersion>) -> Result<PacketType, DecodeError> {

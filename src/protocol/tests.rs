@@ -311,6 +311,12 @@ fn packet_too_large_is_refused_before_buffering() {
     let e = decode(&mut buf, None, 100).unwrap_err();
     assert!(e.is_connect_error());
     assert_eq!(e.reason_code(), 0x95);
+    assert_eq!(e.connack_version(), Some(ProtocolVersion::V311));
+    // A too large MQTT 5 CONNECT is answered in MQTT 5 once its level is buffered.
+    let mut buf = BytesMut::from(&[0x10, 0xFF, 0x7F, 0, 4, b'M', b'Q', b'T', b'T', 5][..]);
+    let e = decode(&mut buf, None, 100).unwrap_err();
+    assert_eq!(e.connack_version(), Some(ProtocolVersion::V5));
+    assert_eq!(e.reason_code(), 0x95);
 }
 
 #[test]
