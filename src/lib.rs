@@ -3,3 +3,4 @@
 //! See docs/ARCHITECTURE.md for the layout and the path of a message.
 
 pub mod protocol;
+pub mod topic;
