@@ -6,7 +6,6 @@
 //! session lives in State, and [`Router::route`] splits a message into fast-path
 //! deliveries and the part that State must apply. It must not touch State.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -40,11 +39,12 @@ pub(crate) struct Route {
     /// State must apply this message: it reaches a persistent session at QoS > 0
     /// (or offline at QoS 0 with `queue_qos0_offline`).
     pub needs_state: bool,
-    /// Shared-group members chosen for State to deliver to (persistent members).
-    pub shared_targets: Vec<String>,
+    /// Shared-group members chosen for State to deliver to (persistent members):
+    /// (client id, the member's `$share/GROUP/FILTER`).
+    pub shared_targets: Vec<(String, String)>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct SharedGroup {
     /// (client id, subscription); order of joining.
     members: Vec<(Arc<str>, SubValue)>,
@@ -56,15 +56,14 @@ struct SharedGroup {
 #[derive(Debug)]
 pub(crate) struct Router {
     tree: SubscriptionTree<Arc<str>, SubValue>,
-    /// Shared subscriptions: filter -> group name; members in `groups`.
-    shared_tree: SubscriptionTree<Arc<str>, ()>,
-    groups: HashMap<(Arc<str>, String), SharedGroup>,
+    /// Shared subscriptions: inner filter -> group name -> members.
+    shared_tree: SubscriptionTree<Arc<str>, SharedGroup>,
     count: usize,
 }
 
 impl Default for Router {
     fn default() -> Self {
-        Router { tree: SubscriptionTree::new(), shared_tree: SubscriptionTree::new(), groups: HashMap::new(), count: 0 }
+        Router { tree: SubscriptionTree::new(), shared_tree: SubscriptionTree::new(), count: 0 }
     }
 }
 
@@ -81,21 +80,22 @@ impl Router {
     /// Adds or replaces a subscription; returns true when it already existed.
     pub fn subscribe(&mut self, client: &Arc<str>, filter: &str, value: SubValue) -> bool {
         if let Some((group, f)) = split_shared(filter) {
-            let key = (Arc::<str>::from(group), f.to_owned());
-            let g = self.groups.entry(key.clone()).or_insert_with(|| SharedGroup {
-                members: Vec::new(),
-                next: AtomicUsize::new(0),
-            });
-            if let Some(m) = g.members.iter_mut().find(|(c, _)| c == client) {
-                m.1 = value;
-                return true;
-            }
-            g.members.push((client.clone(), value));
-            if g.members.len() == 1 {
-                self.shared_tree.insert(f, key.0, ());
-            }
-            self.count += 1;
-            false
+            let group: Arc<str> = group.into();
+            // The tree has no get_mut: take the group out, change it, put it back.
+            let mut g = self.shared_tree.remove(f, &group).unwrap_or_default();
+            let existed = match g.members.iter_mut().find(|(c, _)| c == client) {
+                Some(m) => {
+                    m.1 = value;
+                    true
+                }
+                None => {
+                    g.members.push((client.clone(), value));
+                    self.count += 1;
+                    false
+                }
+            };
+            self.shared_tree.insert(f, group, g);
+            existed
         } else {
             let existed = self.tree.insert(filter, client.clone(), value).is_some();
             if !existed {
@@ -108,14 +108,13 @@ impl Router {
     /// Removes a subscription; returns true when it existed.
     pub fn unsubscribe(&mut self, client: &Arc<str>, filter: &str) -> bool {
         if let Some((group, f)) = split_shared(filter) {
-            let key = (Arc::<str>::from(group), f.to_owned());
-            let Some(g) = self.groups.get_mut(&key) else { return false };
+            let group: Arc<str> = group.into();
+            let Some(mut g) = self.shared_tree.remove(f, &group) else { return false };
             let before = g.members.len();
             g.members.retain(|(c, _)| c != client);
             let removed = g.members.len() != before;
-            if g.members.is_empty() {
-                self.groups.remove(&key);
-                self.shared_tree.remove(f, &key.0);
+            if !g.members.is_empty() {
+                self.shared_tree.insert(f, group, g);
             }
             if removed {
                 self.count -= 1;
@@ -172,8 +171,7 @@ impl Router {
             false
         });
         // Shared groups: one member per group.
-        self.shared_tree.matches(&msg.topic, |filter, group, _| {
-            let Some(g) = self.groups.get(&(group.clone(), filter.to_owned())) else { return };
+        self.shared_tree.matches(&msg.topic, |filter, group, g| {
             let n = g.members.len();
             if n == 0 {
                 return;
@@ -188,7 +186,7 @@ impl Router {
             if v.mailbox.is_managed() && (qos > QoS::AtMostOnce || !v.mailbox.is_online()) {
                 if qos > QoS::AtMostOnce || queue_qos0_offline {
                     route.needs_state = true;
-                    route.shared_targets.push(client.to_string());
+                    route.shared_targets.push((client.to_string(), format!("$share/{group}/{filter}")));
                 }
                 return;
             }
@@ -331,6 +329,6 @@ mod tests {
         r.subscribe(&k, "$share/g/t", sub(&p, QoS::AtLeastOnce, None));
         let route = r.route(&msg("t", QoS::AtLeastOnce, 0), false);
         assert!(route.needs_state);
-        assert_eq!(route.shared_targets, vec!["p".to_string()]);
+        assert_eq!(route.shared_targets, vec![("p".to_string(), "$share/g/t".to_string())]);
     }
 }
