@@ -2,5 +2,6 @@
 //!
 //! See docs/ARCHITECTURE.md for the layout and the path of a message.
 
+pub mod auth;
 pub mod protocol;
 pub mod topic;
