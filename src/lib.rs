@@ -4,4 +4,5 @@
 
 pub mod auth;
 pub mod protocol;
+pub mod state;
 pub mod topic;
