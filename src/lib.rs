@@ -3,6 +3,7 @@
 //! See docs/ARCHITECTURE.md for the layout and the path of a message.
 
 pub mod auth;
+pub mod broker;
 pub mod protocol;
 pub mod state;
 pub mod topic;

@@ -58,6 +58,10 @@ impl Metrics {
         self.clients_maximum.fetch_max(now, Ordering::Relaxed);
     }
 
+    pub(crate) fn set(c: &AtomicU64, v: u64) {
+        c.store(v, Ordering::Relaxed);
+    }
+
     pub fn get(c: &AtomicU64) -> u64 {
         c.load(Ordering::Relaxed)
     }

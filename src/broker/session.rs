@@ -173,10 +173,11 @@ impl Mailbox {
     }
 
     /// Polled by the connection: returns the pending flags (cleared) when there
-    /// is something to do, registering the waker otherwise.
-    pub fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<u8> {
+    /// is something to do (queued deliveries count only if `want_items`),
+    /// registering the waker otherwise.
+    pub fn poll_ready(&self, cx: &mut Context<'_>, want_items: bool) -> Poll<u8> {
         let mut g = self.inner.lock();
-        if g.flags != 0 || !g.items.is_empty() {
+        if g.flags != 0 || (want_items && !g.items.is_empty()) {
             let f = g.flags;
             g.flags = 0;
             return Poll::Ready(f);
