@@ -14,7 +14,7 @@
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -665,7 +665,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
     // ------------------------------------------------------------ PUBLISH in
 
     async fn on_publish(&mut self, p: Publish) -> Step {
-        let cfg = &self.inner.config;
+        let inner = self.inner.clone();
+        let cfg = &inner.config;
         let pid = p.packet_id.unwrap_or(0);
         if p.qos == QoS::ExactlyOnce && self.in_qos2.contains(&pid) {
             // Duplicate of a message waiting for PUBREL: acknowledge, do not route again.

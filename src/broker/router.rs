@@ -73,6 +73,7 @@ pub(crate) fn split_shared(filter: &str) -> Option<(&str, &str)> {
 }
 
 impl Router {
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.count
     }
@@ -176,12 +177,14 @@ impl Router {
             if n == 0 {
                 return;
             }
-            let start = g.next.fetch_add(1, Ordering::Relaxed);
-            let online = (0..n).map(|i| &g.members[(start + i) % n]).find(|(_, v)| v.mailbox.is_online());
-            let chosen = online.or_else(|| {
-                (0..n).map(|i| &g.members[(start + i) % n]).find(|(_, v)| v.mailbox.is_managed())
-            });
-            let Some((client, v)) = chosen else { return };
+            // Round robin over online members; the next turn starts after the chosen one.
+            let start = g.next.load(Ordering::Relaxed);
+            let pick = |want: &dyn Fn(&SubValue) -> bool| (0..n).map(|i| (start + i) % n).find(|&i| want(&g.members[i].1));
+            let Some(i) = pick(&|v| v.mailbox.is_online()).or_else(|| pick(&|v| v.mailbox.is_managed())) else {
+                return;
+            };
+            g.next.store(i + 1, Ordering::Relaxed);
+            let (client, v) = &g.members[i];
             let qos = v.opts.qos.min(msg.qos);
             if v.mailbox.is_managed() && (qos > QoS::AtMostOnce || !v.mailbox.is_online()) {
                 if qos > QoS::AtMostOnce || queue_qos0_offline {

@@ -200,18 +200,6 @@ impl Mailbox {
         }
     }
 
-    /// Re-queues deliveries at the front (a window was full).
-    pub fn unshift(&self, back: &mut VecDeque<Delivery>) {
-        let mut g = self.inner.lock();
-        while let Some(d) = back.pop_back() {
-            g.items.push_front(d);
-        }
-    }
-
-    pub fn queued(&self) -> usize {
-        self.inner.lock().items.len()
-    }
-
     /// Attaches connection `conn_id`. If another connection is attached, it is
     /// told to go (takeover) and a receiver is returned that fires when it has
     /// finished; the caller waits for it and calls `attach` again.
@@ -277,9 +265,6 @@ impl Mailbox {
         std::mem::take(&mut self.inner.lock().filters)
     }
 
-    pub fn filter_count(&self) -> usize {
-        self.inner.lock().filters.len()
-    }
 }
 
 #[cfg(test)]
