@@ -29,9 +29,9 @@ use tokio::sync::oneshot;
 
 use crate::auth::{AuthDecision, AuthRequest};
 use crate::protocol::{
-    self, reason, ConnAck, ConnAckProperties, Connect, Disconnect, LastWill, Packet, ProtocolVersion, PubResp,
-    Publish, PublishProperties, QoS, RetainHandling, SubAck, Subscribe, SubscriptionOptions, UnsubAck,
-    Unsubscribe,
+    self, reason, ConnAck, ConnAckProperties, Connect, Disconnect, LastWill, Packet, ProtocolVersion,
+    PubResp, Publish, PublishProperties, QoS, RetainHandling, SubAck, Subscribe, SubscriptionOptions,
+    UnsubAck, Unsubscribe,
 };
 use crate::state::{pb, Applied};
 use crate::topic;
@@ -160,13 +160,17 @@ async fn read_connect<S: AsyncRead + AsyncWrite + Unpin>(inner: &Inner, io: &mut
             Ok(None) => {}
             Err(e) => {
                 let code = e.reason_code();
-                let v5 = guess_level(&io.rbuf) == Some(5);
-                io.version = if v5 { ProtocolVersion::V5 } else { ProtocolVersion::V311 };
-                // 3.1.1 answers only an unacceptable protocol level / identifier.
-                if v5 || code == reason::UNSUPPORTED_PROTOCOL_VERSION || code == reason::CLIENT_IDENTIFIER_NOT_VALID {
-                    let ack = ConnAck { session_present: false, reason_code: code, ..Default::default() };
-                    io.send(&Packet::ConnAck(ack), &inner.metrics);
-                    let _ = tokio::time::timeout(Duration::from_secs(1), io.write_out(&inner.metrics)).await;
+                tracing::debug!(error = %e, "bad CONNECT");
+                if let Some(v) = e.connack_version() {
+                    io.version = v;
+                    // 3.1.1 answers only an unacceptable protocol level / identifier;
+                    // other broken CONNECTs are just closed.
+                    if v.is_v5()
+                        || code == reason::UNSUPPORTED_PROTOCOL_VERSION
+                        || code == reason::CLIENT_IDENTIFIER_NOT_VALID
+                    {
+                        refuse(inner, io, code).await;
+                    }
                 }
                 return None;
             }
@@ -176,18 +180,6 @@ async fn read_connect<S: AsyncRead + AsyncWrite + Unpin>(inner: &Inner, io: &mut
             Ok(n) => Metrics::add(&inner.metrics.bytes_received, n as u64),
         }
     }
-}
-
-/// The protocol level byte of a buffered CONNECT, if it is there.
-fn guess_level(buf: &[u8]) -> Option<u8> {
-    // Fixed header (1 byte + 1..4 length bytes), then name length (2), name, level.
-    let mut i = 1;
-    while i < buf.len() && i < 5 && buf[i] & 0x80 != 0 {
-        i += 1;
-    }
-    let name_at = i + 1;
-    let len = u16::from_be_bytes([*buf.get(name_at)?, *buf.get(name_at + 1)?]) as usize;
-    buf.get(name_at + 2 + len).copied()
 }
 
 /// Outgoing QoS 1/2 message of the fast path waiting for its acknowledgement.
@@ -228,10 +220,20 @@ struct RetainReq {
 
 /// What to do once a pending proposal (if any) is applied, in FIFO order.
 enum Action {
-    Publish { msg: Arc<Message>, targets: Vec<Target>, ack: Option<Packet> },
+    Publish {
+        msg: Arc<Message>,
+        targets: Vec<Target>,
+        ack: Option<Packet>,
+    },
     /// A plain acknowledgement (PUBREC for a duplicate, PUBCOMP after Release).
-    Ack { packet: Packet, releases_quota: bool },
-    SubAck { ack: SubAck, retained: Vec<RetainReq> },
+    Ack {
+        packet: Packet,
+        releases_quota: bool,
+    },
+    SubAck {
+        ack: SubAck,
+        retained: Vec<RetainReq>,
+    },
     UnsubAck(UnsubAck),
 }
 
@@ -266,7 +268,7 @@ struct Conn<S> {
     client_receive_max: u16,
     client_max_packet: u32,
     topic_alias_max: u16,
-    aliases: Option<Box<HashMap<u16, String>>>,
+    aliases: HashMap<u16, String>,
     /// Incoming QoS > 0 PUBLISH not yet fully acknowledged (Receive Maximum).
     in_unacked: u16,
     /// Incoming QoS 2 packet ids waiting for PUBREL.
@@ -285,7 +287,10 @@ struct Conn<S> {
 
 /// The CONNACK answer to a refused CONNECT.
 async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(inner: &Inner, io: &mut Io<S>, code: u8) {
-    io.send(&Packet::ConnAck(ConnAck { session_present: false, reason_code: code, ..Default::default() }), &inner.metrics);
+    io.send(
+        &Packet::ConnAck(ConnAck { session_present: false, reason_code: code, ..Default::default() }),
+        &inner.metrics,
+    );
     let _ = tokio::time::timeout(Duration::from_secs(1), io.write_out(&inner.metrics)).await;
 }
 
@@ -360,7 +365,10 @@ where
     let mailbox = loop {
         let wait = {
             let mut reg = inner.registry.lock();
-            let mb = reg.entry(client_key.clone()).or_insert_with(|| Arc::new(Mailbox::new(client_key.clone()))).clone();
+            let mb = reg
+                .entry(client_key.clone())
+                .or_insert_with(|| Arc::new(Mailbox::new(client_key.clone())))
+                .clone();
             match mb.attach(conn_id) {
                 Ok(()) => break mb,
                 Err(rx) => rx,
@@ -468,7 +476,7 @@ where
         client_receive_max: c.properties.receive_maximum.unwrap_or(u16::MAX).max(1),
         client_max_packet: c.properties.maximum_packet_size.unwrap_or(u32::MAX),
         topic_alias_max: cfg.topic_alias_maximum,
-        aliases: None,
+        aliases: HashMap::new(),
         in_unacked: 0,
         in_qos2: HashSet::new(),
         pending: VecDeque::new(),
@@ -484,7 +492,12 @@ where
     // Queued QoS 0 messages, then the State window (resent with DUP on resume).
     for d in qos0 {
         let msg = Arc::new(message_from_pb(&d.message, 0));
-        conn.held.push_back(Delivery { msg, qos: QoS::AtMostOnce, retain: d.retain, sub_ids: d.subscription_ids });
+        conn.held.push_back(Delivery {
+            msg,
+            qos: QoS::AtMostOnce,
+            retain: d.retain,
+            sub_ids: d.subscription_ids,
+        });
     }
     if managed {
         if let Some(s) = conn.inner.state.read().session(&conn.client_id) {
@@ -650,14 +663,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             Packet::Disconnect(d) => {
                 if let Some(e) = d.session_expiry_interval {
                     if self.session_expiry == 0 && e > 0 {
-                        return Err(Close::server(reason::PROTOCOL_ERROR, "session expiry cannot be set at DISCONNECT"));
+                        return Err(Close::server(
+                            reason::PROTOCOL_ERROR,
+                            "session expiry cannot be set at DISCONNECT",
+                        ));
                     }
                     self.session_expiry = e.min(self.inner.config.max_session_expiry);
                 }
                 Err(Close::Client { will: d.reason_code != reason::NORMAL_DISCONNECTION })
             }
             Packet::Connect(_) => Err(Close::server(reason::PROTOCOL_ERROR, "second CONNECT")),
-            Packet::Auth(_) => Err(Close::server(reason::BAD_AUTHENTICATION_METHOD, "enhanced authentication is not supported")),
+            Packet::Auth(_) => Err(Close::server(
+                reason::BAD_AUTHENTICATION_METHOD,
+                "enhanced authentication is not supported",
+            )),
             _ => Err(Close::server(reason::PROTOCOL_ERROR, "packet not allowed from a client")),
         }
     }
@@ -670,7 +689,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         let pid = p.packet_id.unwrap_or(0);
         if p.qos == QoS::ExactlyOnce && self.in_qos2.contains(&pid) {
             // Duplicate of a message waiting for PUBREL: acknowledge, do not route again.
-            self.queue_action(Action::Ack { packet: Packet::PubRec(PubResp::new(pid)), releases_quota: false });
+            self.queue_action(Action::Ack {
+                packet: Packet::PubRec(PubResp::new(pid)),
+                releases_quota: false,
+            });
             return Ok(());
         }
         if p.qos != QoS::AtMostOnce && self.in_unacked >= cfg.receive_maximum.max(1) {
@@ -754,12 +776,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             return Err(Close::server(reason::TOPIC_ALIAS_INVALID, "topic alias out of range"));
         }
         if topic.is_empty() {
-            return match self.aliases.as_ref().and_then(|a| a.get(&alias)) {
+            return match self.aliases.get(&alias) {
                 Some(t) => Ok(t.clone()),
                 None => Err(Close::server(reason::PROTOCOL_ERROR, "unknown topic alias")),
             };
         }
-        self.aliases.get_or_insert_with(Default::default).insert(alias, topic.clone());
+        self.aliases.insert(alias, topic.clone());
         Ok(topic)
     }
 
@@ -789,7 +811,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             let reply = match result {
                 None => None,
                 Some(Ok(r)) => Some(r),
-                Some(Err(_)) => return Err(Close::server(reason::SERVER_UNAVAILABLE, "state pipeline closed")),
+                Some(Err(_)) => {
+                    return Err(Close::server(reason::SERVER_UNAVAILABLE, "state pipeline closed"))
+                }
             };
             self.run_action(p.action, reply);
         }
@@ -903,7 +927,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         let pid = r.packet_id;
         if !self.in_qos2.remove(&pid) {
             let code = if self.version.is_v5() { reason::PACKET_IDENTIFIER_NOT_FOUND } else { 0 };
-            self.queue_action(Action::Ack { packet: Packet::PubComp(PubResp::with_reason(pid, code)), releases_quota: false });
+            self.queue_action(Action::Ack {
+                packet: Packet::PubComp(PubResp::with_reason(pid, code)),
+                releases_quota: false,
+            });
             return Ok(());
         }
         let packet = Packet::PubComp(PubResp::new(pid));
@@ -918,7 +945,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
                 Ok(rx) => rx,
                 Err(_) => return Err(Close::server(reason::SERVER_UNAVAILABLE, "state pipeline closed")),
             };
-            self.pending.push_back(Pending { rx: Some(rx), result: None, action: Action::Ack { packet, releases_quota: true } });
+            self.pending.push_back(Pending {
+                rx: Some(rx),
+                result: None,
+                action: Action::Ack { packet, releases_quota: true },
+            });
         } else {
             self.queue_action(Action::Ack { packet, releases_quota: true });
         }
@@ -926,7 +957,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
     }
 
     fn ack(&mut self, pid: u16, kind: pb::AckKind) {
-        self.acks.push(pb::AckEntry { client_id: self.client_id.to_string(), packet_id: u32::from(pid), kind: kind as i32 });
+        self.acks.push(pb::AckEntry {
+            client_id: self.client_id.to_string(),
+            packet_id: u32::from(pid),
+            kind: kind as i32,
+        });
     }
 
     /// Hands this wake-up's subscriber acks to the batching task (not waiting for State).
@@ -979,7 +1014,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
                 None
             };
             if !shared && opts.retain_handling != RetainHandling::DoNotSend {
-                retained.push(RetainReq { filter, opts, sub_id: s.subscription_identifier, state_idx, existed });
+                retained.push(RetainReq {
+                    filter,
+                    opts,
+                    sub_id: s.subscription_identifier,
+                    state_idx,
+                    existed,
+                });
             }
         }
         let ack = SubAck { packet_id: s.packet_id, reason_codes: codes, ..Default::default() };
@@ -997,7 +1038,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             Ok(rx) => rx,
             Err(_) => return Err(Close::server(reason::SERVER_UNAVAILABLE, "state pipeline closed")),
         };
-        self.pending.push_back(Pending { rx: Some(rx), result: None, action: Action::SubAck { ack, retained } });
+        self.pending.push_back(Pending {
+            rx: Some(rx),
+            result: None,
+            action: Action::SubAck { ack, retained },
+        });
         Ok(())
     }
 
@@ -1022,12 +1067,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             };
             for m in msgs {
                 let qos = m.qos.min(r.opts.qos);
-                self.held.push_back(Delivery { msg: Arc::new(m), qos, retain: true, sub_ids: sub_ids.clone() });
+                self.held.push_back(Delivery {
+                    msg: Arc::new(m),
+                    qos,
+                    retain: true,
+                    sub_ids: sub_ids.clone(),
+                });
             }
             if r.filter.starts_with('$') {
                 let sys = self.inner.sys_retained.lock().clone();
                 for m in sys.into_iter().filter(|m| topic::matches(&r.filter, &m.topic)) {
-                    self.held.push_back(Delivery { msg: m, qos: QoS::AtMostOnce, retain: true, sub_ids: sub_ids.clone() });
+                    self.held.push_back(Delivery {
+                        msg: m,
+                        qos: QoS::AtMostOnce,
+                        retain: true,
+                        sub_ids: sub_ids.clone(),
+                    });
                 }
             }
         }
@@ -1189,7 +1244,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         for _ in 0..u16::MAX {
             let pid = self.next_pid;
             self.next_pid = if pid == u16::MAX { 1 } else { pid + 1 };
-            if !self.out_inflight.contains_key(&pid) && !self.state_sent.contains_key(&pid) && !state_ids.contains(&pid)
+            if !self.out_inflight.contains_key(&pid)
+                && !self.state_sent.contains_key(&pid)
+                && !state_ids.contains(&pid)
             {
                 return Some(pid);
             }
@@ -1240,7 +1297,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
                 Metrics::inc(&inner.metrics.messages_expired);
                 self.state_sent.insert(pid, Sent::Done { msg: msg_key });
                 let kind = if e.delivery.qos == 2 { pb::AckKind::Pubcomp } else { pb::AckKind::Puback };
-                self.acks.push(pb::AckEntry { client_id: self.client_id.to_string(), packet_id: u32::from(pid), kind: kind as i32 });
+                self.acks.push(pb::AckEntry {
+                    client_id: self.client_id.to_string(),
+                    packet_id: u32::from(pid),
+                    kind: kind as i32,
+                });
                 continue;
             } else {
                 Some(u32::try_from((m.expires_at_ms - now).div_ceil(1000)).unwrap_or(u32::MAX))
@@ -1268,7 +1329,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
                 // Too large for this client: acknowledge it ourselves so the window moves on.
                 self.state_sent.insert(pid, Sent::Done { msg: msg_key });
                 let kind = if e.delivery.qos == 2 { pb::AckKind::Pubcomp } else { pb::AckKind::Puback };
-                self.acks.push(pb::AckEntry { client_id: self.client_id.to_string(), packet_id: u32::from(pid), kind: kind as i32 });
+                self.acks.push(pb::AckEntry {
+                    client_id: self.client_id.to_string(),
+                    packet_id: u32::from(pid),
+                    kind: kind as i32,
+                });
                 continue;
             }
             self.io.send(&pkt, &inner.metrics);
@@ -1291,7 +1356,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         if !self.io.wbuf.is_empty() {
             let _ = tokio::time::timeout(Duration::from_secs(1), self.io.write_out(&metrics)).await;
         }
-        let _ = tokio::time::timeout(Duration::from_secs(1), tokio::io::AsyncWriteExt::shutdown(&mut self.io.stream)).await;
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            tokio::io::AsyncWriteExt::shutdown(&mut self.io.stream),
+        )
+        .await;
         let publish_will = !matches!(close, Close::Client { will: false });
 
         // Proposals still in flight are applied anyway; their fast-path copies still go out.
@@ -1319,8 +1388,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
                 publish_will,
                 connection_id: self.conn_id,
             };
-            let r: Result<Applied, _> =
-                self.inner.pipeline.propose(pb::Command { cmd: Some(pb::command::Cmd::SessionClose(close_cmd)) }).await;
+            let r: Result<Applied, _> = self
+                .inner
+                .pipeline
+                .propose(pb::Command { cmd: Some(pb::command::Cmd::SessionClose(close_cmd)) })
+                .await;
             if let Err(e) = r {
                 tracing::warn!(client_id = %self.client_id, error = %e, "session close failed");
             }
@@ -1343,7 +1415,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             self.mailbox.set_managed(false);
             if !waiting {
                 let mut reg = self.inner.registry.lock();
-                if reg.get(&self.client_id).is_some_and(|m| Arc::ptr_eq(m, &self.mailbox)) && self.mailbox.attached() == 0 {
+                if reg.get(&self.client_id).is_some_and(|m| Arc::ptr_eq(m, &self.mailbox))
+                    && self.mailbox.attached() == 0
+                {
                     reg.remove(&self.client_id);
                 }
             }
@@ -1351,4 +1425,3 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         Metrics::dec(&metrics.clients_connected);
     }
 }
-

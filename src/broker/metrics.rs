@@ -98,10 +98,20 @@ impl Metrics {
                 "Messages dropped: over the client's maximum packet size",
                 &self.messages_dropped_too_large,
             ),
-            ("raftmq_messages_expired_total", "counter", "Messages expired before delivery", &self.messages_expired),
+            (
+                "raftmq_messages_expired_total",
+                "counter",
+                "Messages expired before delivery",
+                &self.messages_expired,
+            ),
             ("raftmq_subscriptions", "gauge", "Subscriptions", &self.subscriptions),
             ("raftmq_retained_messages", "gauge", "Retained messages", &self.retained_messages),
-            ("raftmq_state_commands_applied_total", "counter", "State commands applied", &self.commands_applied),
+            (
+                "raftmq_state_commands_applied_total",
+                "counter",
+                "State commands applied",
+                &self.commands_applied,
+            ),
             ("raftmq_state_batches_applied_total", "counter", "State batches applied", &self.batches_applied),
         ];
         for (name, kind, help, v) in rows {

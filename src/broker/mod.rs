@@ -152,7 +152,11 @@ impl Broker {
     }
 
     /// Like [`Broker::new`] over an existing State (restored from a snapshot).
-    pub fn with_state(config: BrokerConfig, auth: Arc<dyn Authenticator>, state: Arc<RwLock<State>>) -> Broker {
+    pub fn with_state(
+        config: BrokerConfig,
+        auth: Arc<dyn Authenticator>,
+        state: Arc<RwLock<State>>,
+    ) -> Broker {
         let metrics = Arc::new(Metrics::default());
         let (ack_tx, ack_rx) = mpsc::channel(1024);
         let inner = Arc::new_cyclic(|weak: &Weak<Inner>| {
@@ -230,7 +234,8 @@ impl Broker {
             }
         }
         // Everything proposed so far is applied once this no-op batch answers.
-        let _ = self.inner.pipeline.propose(pb::Command { cmd: Some(pb::command::Cmd::Tick(pb::Tick {})) }).await;
+        let _ =
+            self.inner.pipeline.propose(pb::Command { cmd: Some(pb::command::Cmd::Tick(pb::Tick {})) }).await;
     }
 }
 

@@ -83,7 +83,12 @@ impl Pipeline {
     }
 }
 
-async fn run(mut rx: mpsc::Receiver<Proposal>, state: Arc<RwLock<State>>, sink: EventSink, metrics: Arc<Metrics>) {
+async fn run(
+    mut rx: mpsc::Receiver<Proposal>,
+    state: Arc<RwLock<State>>,
+    sink: EventSink,
+    metrics: Arc<Metrics>,
+) {
     let mut buf: Vec<Proposal> = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut buf, MAX_BATCH).await > 0 {
         let mut replies = Vec::with_capacity(buf.len());

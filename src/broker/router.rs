@@ -53,18 +53,12 @@ struct SharedGroup {
 
 /// See the module docs. Wrapped in a `RwLock` by the broker: publishers read it
 /// concurrently, subscribe/unsubscribe write it.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(crate) struct Router {
     tree: SubscriptionTree<Arc<str>, SubValue>,
     /// Shared subscriptions: inner filter -> group name -> members.
     shared_tree: SubscriptionTree<Arc<str>, SharedGroup>,
     count: usize,
-}
-
-impl Default for Router {
-    fn default() -> Self {
-        Router { tree: SubscriptionTree::new(), shared_tree: SubscriptionTree::new(), count: 0 }
-    }
 }
 
 /// Splits `$share/GROUP/FILTER`; `None` for a plain filter.
@@ -179,8 +173,11 @@ impl Router {
             }
             // Round robin over online members; the next turn starts after the chosen one.
             let start = g.next.load(Ordering::Relaxed);
-            let pick = |want: &dyn Fn(&SubValue) -> bool| (0..n).map(|i| (start + i) % n).find(|&i| want(&g.members[i].1));
-            let Some(i) = pick(&|v| v.mailbox.is_online()).or_else(|| pick(&|v| v.mailbox.is_managed())) else {
+            let pick = |want: &dyn Fn(&SubValue) -> bool| {
+                (0..n).map(|i| (start + i) % n).find(|&i| want(&g.members[i].1))
+            };
+            let Some(i) = pick(&|v| v.mailbox.is_online()).or_else(|| pick(&|v| v.mailbox.is_managed()))
+            else {
                 return;
             };
             g.next.store(i + 1, Ordering::Relaxed);

@@ -264,7 +264,6 @@ impl Mailbox {
     pub fn take_filters(&self) -> Vec<String> {
         std::mem::take(&mut self.inner.lock().filters)
     }
-
 }
 
 #[cfg(test)]

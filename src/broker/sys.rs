@@ -57,10 +57,10 @@ fn publish_all(inner: &Arc<Inner>, load: &mut Load, secs: f64) {
     ];
     // Mosquitto's 1-minute load: exponentially damped rate per minute.
     let k = (-secs / 60.0).exp();
-    for i in 0..totals.len() {
-        let per_min = (totals[i].saturating_sub(load.last[i])) as f64 * 60.0 / secs;
+    for (i, &total) in totals.iter().enumerate() {
+        let per_min = (total.saturating_sub(load.last[i])) as f64 * 60.0 / secs;
         load.avg[i] = load.avg[i] * k + per_min * (1.0 - k);
-        load.last[i] = totals[i];
+        load.last[i] = total;
     }
     let uptime = inner.start.elapsed().as_secs();
     let rows: Vec<(&str, String)> = vec![

@@ -54,7 +54,9 @@ impl Client {
     async fn recv(&mut self) -> Option<Packet> {
         let fut = async {
             loop {
-                if let Some(p) = decode(&mut self.buf, Some(self.v), 1 << 24).expect("server sent a bad packet") {
+                if let Some(p) =
+                    decode(&mut self.buf, Some(self.v), 1 << 24).expect("server sent a bad packet")
+                {
                     return Some(p);
                 }
                 match self.s.read_buf(&mut self.buf).await {
@@ -263,7 +265,10 @@ async fn qos2_inbound_handshake_and_duplicates() {
     p.send(Packet::PubRel(PubResp::new(3))).await;
     assert_eq!(p.recv().await, Some(Packet::PubComp(PubResp::new(3))));
     p.send(Packet::PubRel(PubResp::new(9))).await;
-    assert_eq!(p.recv().await, Some(Packet::PubComp(PubResp::with_reason(9, reason::PACKET_IDENTIFIER_NOT_FOUND))));
+    assert_eq!(
+        p.recv().await,
+        Some(Packet::PubComp(PubResp::with_reason(9, reason::PACKET_IDENTIFIER_NOT_FOUND)))
+    );
     sub.nothing_for(100).await;
 }
 
@@ -386,8 +391,11 @@ async fn will_on_abnormal_close_and_0x04_but_not_on_normal_disconnect() {
     assert_eq!(a.recv().await, None);
     w.nothing_for(150).await;
     let (mut a, _) = connect_with(&b, V5, c.clone()).await;
-    a.send(Packet::Disconnect(Disconnect { reason_code: reason::DISCONNECT_WITH_WILL_MESSAGE, ..Default::default() }))
-        .await;
+    a.send(Packet::Disconnect(Disconnect {
+        reason_code: reason::DISCONNECT_WITH_WILL_MESSAGE,
+        ..Default::default()
+    }))
+    .await;
     assert_eq!(w.publish().await.topic, "will");
     let (a, _) = connect_with(&b, V5, c).await;
     drop(a);
@@ -491,8 +499,12 @@ async fn no_local_subscription_ids_and_unsubscribe() {
     c.pub_msg("x/z", b"2", QoS::AtMostOnce, 0, false).await;
     let m = c.publish().await;
     assert_eq!(m.properties.subscription_identifiers, vec![6]);
-    c.send(Packet::Unsubscribe(Unsubscribe { packet_id: 9, filters: vec!["x/+".into(), "nope".into()], ..Default::default() }))
-        .await;
+    c.send(Packet::Unsubscribe(Unsubscribe {
+        packet_id: 9,
+        filters: vec!["x/+".into(), "nope".into()],
+        ..Default::default()
+    }))
+    .await;
     match c.recv().await {
         Some(Packet::UnsubAck(u)) => assert_eq!(u.reason_codes, vec![0, reason::NO_SUBSCRIPTION_EXISTED]),
         other => panic!("expected UNSUBACK, got {other:?}"),
@@ -550,8 +562,12 @@ async fn keep_alive_timeout_closes_with_0x8d_and_will() {
 async fn packet_too_large_and_topic_invalid() {
     let b = broker_with(BrokerConfig { max_packet_size: 64, sys_interval: 0, ..Default::default() });
     let mut c = connect(&b, V5, "c").await;
-    c.send(Packet::Publish(Publish { topic: "t".into(), payload: Bytes::from(vec![0u8; 100]), ..Default::default() }))
-        .await;
+    c.send(Packet::Publish(Publish {
+        topic: "t".into(),
+        payload: Bytes::from(vec![0u8; 100]),
+        ..Default::default()
+    }))
+    .await;
     c.expect_disconnect(reason::PACKET_TOO_LARGE).await;
     let b = broker();
     let mut c = connect(&b, V5, "c").await;
@@ -567,8 +583,12 @@ async fn client_maximum_packet_size_drops_big_messages() {
     let (mut s, _) = connect_with(&b, V5, cp).await;
     s.subscribe(1, "t", QoS::AtMostOnce).await;
     let mut p = connect(&b, V5, "p").await;
-    p.send(Packet::Publish(Publish { topic: "t".into(), payload: Bytes::from(vec![1u8; 100]), ..Default::default() }))
-        .await;
+    p.send(Packet::Publish(Publish {
+        topic: "t".into(),
+        payload: Bytes::from(vec![1u8; 100]),
+        ..Default::default()
+    }))
+    .await;
     p.pub_msg("t", b"ok", QoS::AtMostOnce, 0, false).await;
     assert_eq!(s.publish().await.payload, Bytes::from_static(b"ok"));
 }
