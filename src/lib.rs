@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod broker;
 pub mod listener;
 pub mod protocol;
 pub mod state;
