@@ -2,5 +2,13 @@
 //!
 //! See docs/ARCHITECTURE.md for the layout and the path of a message.
 
+pub mod admin;
+pub mod auth;
 pub mod bench;
+pub mod broker;
+pub mod config;
+pub mod listener;
+pub mod node;
 pub mod protocol;
+pub mod state;
+pub mod topic;
