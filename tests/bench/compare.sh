@@ -87,11 +87,24 @@ trap cleanup EXIT
 
 port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
+# Ports for the brokers come from below the kernel's ephemeral range: the
+# thousands of client connections (and their TIME_WAIT leftovers) of the
+# connection cases occupy ports inside it, and a listener cannot bind those.
+read -r eph_low _ </proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || eph_low=32768
+port_low=10000
+port_high=$((eph_low - 1))
+if ((port_high - port_low < 1000)); then port_low=61000 port_high=65000; fi
+
+port_taken() {
+  port_in_use "$1" && return 0
+  command -v ss >/dev/null && [[ -n "$(ss -Hant "( sport = :$1 )" 2>/dev/null)" ]]
+}
+
 free_port() {
   local p tries=0
   while ((tries < 200)); do
-    p=$((20000 + RANDOM % 30000))
-    if ! port_in_use "$p"; then echo "$p"; return 0; fi
+    p=$((port_low + (RANDOM * 32768 + RANDOM) % (port_high - port_low + 1)))
+    if ! port_taken "$p"; then echo "$p"; return 0; fi
     tries=$((tries + 1))
   done
   echo "no free port found" >&2
@@ -142,10 +155,19 @@ run_one() {
   local case=$1 broker=$2 n=$3 dir port line
   dir=$OUT/$case-$broker-$n
   mkdir -p "$dir"
-  port=$(free_port)
-  "start_$broker" "$port" "$dir"
-  if ! wait_listening "$port" "$broker_pid"; then
+  local attempt started=0
+  # A port can still be taken between the check and the bind: retry on another.
+  for attempt in 1 2 3; do
+    port=$(free_port)
+    "start_$broker" "$port" "$dir"
+    if wait_listening "$port" "$broker_pid"; then
+      started=1
+      break
+    fi
     stop_broker
+    cp "$dir/broker.log" "$dir/broker.log.$attempt" 2>/dev/null || true
+  done
+  if ((!started)); then
     echo "case=$case broker=$broker RESULT failed (broker did not start, see $dir/broker.log)" | tee -a "$results"
     return 0
   fi
