@@ -243,7 +243,14 @@ pub struct RaftNode {
     raft: Raft,
     metrics: watch::Receiver<NodeMetrics>,
     stop: Arc<watch::Sender<bool>>,
+    /// Resolves when the log store has released its files.
+    store_closed: Arc<tokio::sync::Mutex<Option<StoreClosed>>>,
 }
+
+type StoreClosed = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// How long `shutdown` waits for the log store to release its files.
+const STORE_CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl ClusterConfig {
     /// Checks what a typo could break: unique ids, this node listed (unless
@@ -283,7 +290,8 @@ impl ClusterConfig {
             max_in_snapshot_log_to_keep: self.keep_after_snapshot,
             // A follower further behind than this gets a snapshot.
             replication_lag_threshold: self.snapshot_every.saturating_mul(2),
-            purge_batch_size: 256,
+            // Purge as soon as a snapshot covers the entries (minus the kept tail).
+            purge_batch_size: self.snapshot_every.clamp(1, 256),
             enable_pre_vote: Some(true),
             ..Default::default()
         };
@@ -310,6 +318,7 @@ impl RaftNode {
         let raft_config = Arc::new(config.openraft_config()?);
         let dir = data_dir.join("raft");
         let log_store = LogStore::open(&dir.join("log"))?;
+        let store_closed: StoreClosed = Box::pin(log_store.on_closed());
         let snapshots = SnapshotStore::open(&dir.join("snapshot")).map_err(StorageError::from)?;
         let tls = config.tls.as_ref().map(ClusterTls::load).transpose()?;
         let listener = TcpListener::bind(&config.listen)
@@ -327,7 +336,13 @@ impl RaftNode {
         tokio::spawn(server::serve(listener, raft.clone(), tls, stop_rx.clone()));
         let metrics = spawn_metrics(&raft, stop_rx);
 
-        let node = RaftNode { id: config.node_id, raft, metrics, stop: Arc::new(stop_tx) };
+        let node = RaftNode {
+            id: config.node_id,
+            raft,
+            metrics,
+            stop: Arc::new(stop_tx),
+            store_closed: Arc::new(tokio::sync::Mutex::new(Some(store_closed))),
+        };
         if config.is_bootstrap_node() {
             node.bootstrap(config).await?;
         }
@@ -356,9 +371,17 @@ impl RaftNode {
         &self,
         batch: &state::pb::Batch,
     ) -> Result<Vec<Result<Applied, StateError>>, RaftError> {
+        self.propose_indexed(batch).await.map(|(_, results)| results)
+    }
+
+    /// [`RaftNode::propose`], also returning the log index of the entry.
+    pub async fn propose_indexed(
+        &self,
+        batch: &state::pb::Batch,
+    ) -> Result<(u64, Vec<Result<Applied, StateError>>), RaftError> {
         let payload = BatchPayload(batch.encode_to_vec().into());
         match self.raft.client_write(payload).await {
-            Ok(resp) => Ok(resp.data.0?),
+            Ok(resp) => Ok((resp.log_id.index, resp.data.0?)),
             Err(OrError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                 Err(RaftError::ForwardToLeader { leader_id: f.leader_id, leader: f.leader_node })
             }
@@ -439,10 +462,17 @@ impl RaftNode {
         &self.raft
     }
 
-    /// Stops the node: Raft core, the cluster listener and its connections.
+    /// Stops the node: Raft core, the cluster listener and its connections;
+    /// returns once the data directory is released (it can be reopened).
     pub async fn shutdown(&self) -> Result<(), RaftError> {
         let _ = self.stop.send(true);
-        self.raft.shutdown().await.map_err(|e| RaftError::Fatal(e.to_string()))
+        self.raft.shutdown().await.map_err(|e| RaftError::Fatal(e.to_string()))?;
+        if let Some(closed) = self.store_closed.lock().await.take() {
+            tokio::time::timeout(STORE_CLOSE_TIMEOUT, closed)
+                .await
+                .map_err(|_| RaftError::Other("log store still open after shutdown".into()))?;
+        }
+        Ok(())
     }
 }
 

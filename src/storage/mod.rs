@@ -21,6 +21,7 @@ use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
+use std::sync::Arc;
 
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogReader};
@@ -105,17 +106,33 @@ fn key_range<RB: RangeBounds<u64>>(range: &RB) -> (Bound<[u8; 8]>, Bound<[u8; 8]
 
 /// The Raft log and metadata in sled. See the module docs.
 pub struct LogStore {
-    db: sled::Db,
-    reader: LogReader,
+    inner: Arc<Inner>,
     flusher: mpsc::Sender<IOFlushed<TypeConfig>>,
     closed: watch::Receiver<bool>,
 }
 
-/// Reads the log; cheap to clone (sled trees are shared handles).
+/// Reads the log; cheap to clone.
 #[derive(Clone)]
 pub struct LogReader {
+    inner: Arc<Inner>,
+}
+
+/// The sled handles, shared by the store, its readers and the flusher.
+struct Inner {
+    db: sled::Db,
     log: sled::Tree,
     meta: sled::Tree,
+    /// Declared last, so dropped after the sled handles: announces that the
+    /// directory is free.
+    _closed: ClosedOnDrop,
+}
+
+struct ClosedOnDrop(watch::Sender<bool>);
+
+impl Drop for ClosedOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.send(true);
+    }
 }
 
 impl LogStore {
@@ -127,14 +144,14 @@ impl LogStore {
         let meta = db.open_tree("meta")?;
         let (tx, rx) = mpsc::channel(FLUSH_QUEUE);
         let (closed_tx, closed) = watch::channel(false);
-        tokio::spawn(flush_loop(db.clone(), rx, closed_tx));
-        Ok(LogStore { db, reader: LogReader { log, meta }, flusher: tx, closed })
+        let inner = Arc::new(Inner { db, log, meta, _closed: ClosedOnDrop(closed_tx) });
+        tokio::spawn(flush_loop(inner.clone(), rx));
+        Ok(LogStore { inner, flusher: tx, closed })
     }
 
-    /// Resolves once this store is dropped and its flusher has released the
-    /// database (sled locks its directory: a reopen in the same process, e.g.
-    /// a node restarted in a test, must wait for this). Readers handed out
-    /// must be dropped too.
+    /// Resolves once this store, its flusher and every reader handed out are
+    /// dropped, so sled has released its directory (sled locks it: a reopen in
+    /// the same process, e.g. a node restarted in a test, must wait for this).
     pub fn on_closed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         let mut rx = self.closed.clone();
         async move {
@@ -145,49 +162,47 @@ impl LogStore {
 
     /// Bytes sled uses on disk (for metrics: sled is known to grow).
     pub fn size_on_disk(&self) -> Result<u64, StorageError> {
-        Ok(self.db.size_on_disk()?)
+        Ok(self.inner.db.size_on_disk()?)
+    }
+
+    fn reader(&self) -> LogReader {
+        LogReader { inner: self.inner.clone() }
     }
 
     fn put_meta(&self, key: &[u8], value: Option<Vec<u8>>) -> io::Result<()> {
         match value {
-            Some(v) => self.reader.meta.insert(key, v).map_err(sled_err)?,
-            None => self.reader.meta.remove(key).map_err(sled_err)?,
+            Some(v) => self.inner.meta.insert(key, v).map_err(sled_err)?,
+            None => self.inner.meta.remove(key).map_err(sled_err)?,
         };
         Ok(())
     }
 }
 
 /// Group commit: one fsync for every append queued before it started.
-async fn flush_loop(
-    db: sled::Db,
-    mut rx: mpsc::Receiver<IOFlushed<TypeConfig>>,
-    closed: watch::Sender<bool>,
-) {
+async fn flush_loop(inner: Arc<Inner>, mut rx: mpsc::Receiver<IOFlushed<TypeConfig>>) {
     let mut waiting = Vec::new();
     while let Some(cb) = rx.recv().await {
         waiting.push(cb);
         while let Ok(cb) = rx.try_recv() {
             waiting.push(cb);
         }
-        let result = db.flush_async().await.map(|_| ()).map_err(|e| e.to_string());
+        let result = inner.db.flush_async().await.map(|_| ()).map_err(|e| e.to_string());
         for cb in waiting.drain(..) {
             cb.io_completed(result.clone().map_err(io::Error::other));
         }
     }
-    drop(db);
-    let _ = closed.send(true);
 }
 
 impl LogReader {
     fn get_log_id(&self, key: &[u8]) -> io::Result<Option<LogId>> {
-        match self.meta.get(key).map_err(sled_err)? {
+        match self.inner.meta.get(key).map_err(sled_err)? {
             Some(v) => Ok(Some(decode_log_id(&v)?)),
             None => Ok(None),
         }
     }
 
     fn last_entry(&self) -> io::Result<Option<Entry>> {
-        match self.log.last().map_err(sled_err)? {
+        match self.inner.log.last().map_err(sled_err)? {
             Some((_, v)) => Ok(Some(decode_entry(&v)?)),
             None => Ok(None),
         }
@@ -196,7 +211,7 @@ impl LogReader {
     fn read_range<RB: RangeBounds<u64>>(&self, range: RB, max_bytes: usize) -> io::Result<Vec<Entry>> {
         let mut out = Vec::new();
         let mut bytes = 0;
-        for kv in self.log.range(key_range(&range)) {
+        for kv in self.inner.log.range(key_range(&range)) {
             let (k, v) = kv.map_err(sled_err)?;
             let entry = decode_entry(&v)?;
             if entry.log_id.index != index_of(&k)? {
@@ -224,7 +239,7 @@ impl RaftLogReader<TypeConfig> for LogReader {
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
-        match self.meta.get(KEY_VOTE).map_err(sled_err)? {
+        match self.inner.meta.get(KEY_VOTE).map_err(sled_err)? {
             Some(v) => {
                 let pb = pb::Vote::decode(&*v).map_err(|e| corrupt("vote", e))?;
                 Ok(Some(convert::vote_from_pb(&pb).map_err(|e| corrupt("vote", e))?))
@@ -242,8 +257,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogReader;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
-        let last_purged_log_id = self.reader.get_log_id(KEY_PURGED)?;
-        let last_log_id = match self.reader.last_entry()? {
+        let last_purged_log_id = self.reader().get_log_id(KEY_PURGED)?;
+        let last_log_id = match self.reader().last_entry()? {
             Some(e) => Some(e.log_id),
             None => last_purged_log_id,
         };
@@ -251,13 +266,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn get_log_reader(&mut self) -> LogReader {
-        self.reader.clone()
+        self.reader()
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
         self.put_meta(KEY_VOTE, Some(convert::vote_to_pb(vote).encode_to_vec()))?;
         // The vote must be durable before we answer anyone with it.
-        self.db.flush_async().await.map_err(sled_err)?;
+        self.inner.db.flush_async().await.map_err(sled_err)?;
         Ok(())
     }
 
@@ -268,7 +283,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
-        self.reader.get_log_id(KEY_COMMITTED)
+        self.reader().get_log_id(KEY_COMMITTED)
     }
 
     async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> Result<(), io::Error>
@@ -280,7 +295,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         for e in entries {
             batch.insert(&index_key(e.log_id.index), convert::entry_to_pb(&e).encode_to_vec());
         }
-        self.reader.log.apply_batch(batch).map_err(sled_err)?;
+        self.inner.log.apply_batch(batch).map_err(sled_err)?;
         // Readable now; durable when the flusher calls back.
         if let Err(mpsc::error::SendError(cb)) = self.flusher.send(callback).await {
             cb.io_completed(Err(io::Error::other("log flusher stopped")));
@@ -291,7 +306,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
         let start = last_log_id.map_or(Bound::Unbounded, |l| Bound::Excluded(index_key(l.index)));
         let keys: Vec<sled::IVec> = self
-            .reader
+            .inner
             .log
             .range((start, Bound::<[u8; 8]>::Unbounded))
             .keys()
@@ -302,7 +317,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         for k in keys.into_iter().rev() {
             batch.remove(k);
         }
-        self.reader.log.apply_batch(batch).map_err(sled_err)
+        self.inner.log.apply_batch(batch).map_err(sled_err)
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
@@ -310,7 +325,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // again, so a crash before they are removed leaves no hole.
         self.put_meta(KEY_PURGED, Some(convert::log_id_to_pb(&log_id).encode_to_vec()))?;
         let keys: Vec<sled::IVec> = self
-            .reader
+            .inner
             .log
             .range(..=index_key(log_id.index))
             .keys()
@@ -320,6 +335,6 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         for k in keys {
             batch.remove(k);
         }
-        self.reader.log.apply_batch(batch).map_err(sled_err)
+        self.inner.log.apply_batch(batch).map_err(sled_err)
     }
 }
