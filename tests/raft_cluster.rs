@@ -41,7 +41,10 @@ fn retained(topic: &str, payload: String) -> state::pb::Command {
 fn batch(i: usize) -> state::pb::Batch {
     state::pb::Batch {
         now_ms: 1_000 + i as u64,
-        commands: vec![retained(&format!("t/{}", i % 7), format!("m{i}")), retained(&format!("u/{i}"), "x".into())],
+        commands: vec![
+            retained(&format!("t/{}", i % 7), format!("m{i}")),
+            retained(&format!("u/{i}"), "x".into()),
+        ],
     }
 }
 
@@ -106,24 +109,20 @@ impl Cluster {
         self.nodes.iter().filter(|n| n.raft.is_some())
     }
 
-    /// The serving leader, once the running nodes agree on one.
+    /// The serving leader among the running nodes, as soon as there is one.
     async fn leader(&self) -> u64 {
+        let deadline = std::time::Instant::now() + DEADLINE;
         let up: Vec<u64> = self.running().map(|n| n.cfg.node_id).collect();
         let first = self.node(up[0]);
-        let m = first.wait_for(DEADLINE, |m| m.leader.is_some_and(|l| up.contains(&l))).await.unwrap();
-        let mut leader = m.leader.unwrap();
         loop {
-            let l = self.node(leader);
-            let lm = l.wait_for(DEADLINE, |m| m.serving || m.role != Role::Leader).await.unwrap();
-            if lm.serving {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let m = first.wait_for(left, |m| m.leader.is_some_and(|l| up.contains(&l))).await.unwrap();
+            let leader = m.leader.unwrap();
+            // It may lose the leadership before it serves: then ask again.
+            if self.node(leader).wait_for(Duration::from_secs(1), |m| m.serving).await.is_ok() {
                 return leader;
             }
-            // Lost an election race meanwhile: follow the news.
-            let m = first
-                .wait_for(DEADLINE, |m| m.leader.is_some_and(|x| x != leader && up.contains(&x)))
-                .await
-                .unwrap();
-            leader = m.leader.unwrap();
+            assert!(std::time::Instant::now() < deadline, "no serving leader within {DEADLINE:?}");
         }
     }
 
@@ -278,7 +277,8 @@ impl Pki {
     /// A CA and one certificate per node id (serverAuth + clientAuth, SAN 127.0.0.1).
     fn new(ids: &[u64], ca_name: &str) -> Pki {
         use rcgen::{
-            BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+            BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+            KeyPair,
         };
         let dir = tempfile::tempdir().unwrap();
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -288,7 +288,8 @@ impl Pki {
         std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
         for id in ids {
             let key = KeyPair::generate().unwrap();
-            let mut params = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
+            let mut params =
+                CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
             params.distinguished_name.push(DnType::CommonName, format!("node-{id}"));
             params.extended_key_usages =
                 vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
@@ -364,9 +365,9 @@ fn config_is_validated() {
     assert!(matches!(cfg.validate(), Err(RaftError::Config(_))));
     cfg.join = true;
     assert!(cfg.validate().is_ok());
-    let mut cfg = ClusterConfig { heartbeat_ms: 400, ..Default::default() };
+    let mut cfg = ClusterConfig { heartbeat_ms: 60, ..Default::default() };
     assert!(cfg.validate().is_err());
-    cfg.heartbeat_ms = 100;
+    cfg.heartbeat_ms = 50;
     cfg.nodes.push(cfg.nodes[0].clone());
     assert!(cfg.validate().is_err());
     let parsed: ClusterConfig = toml::from_str(
@@ -385,6 +386,6 @@ fn config_is_validated() {
     )
     .unwrap();
     assert_eq!(parsed.node_id, 2);
-    assert_eq!(parsed.election_timeout_min_ms, 300);
+    assert_eq!(parsed.election_timeout_min_ms, 100);
     assert_eq!(parsed.tls.unwrap().ca_file, Path::new("ca.pem"));
 }
