@@ -389,3 +389,49 @@ fn config_is_validated() {
     assert_eq!(parsed.election_timeout_min_ms, 100);
     assert_eq!(parsed.tls.unwrap().ca_file, Path::new("ca.pem"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_node_serves_and_group_commits() {
+    let mut c = Cluster::new(1, |_| {});
+    c.start(1).await;
+    assert_eq!(c.leader().await, 1);
+    let node = c.node(1).clone();
+    // Many concurrent proposals share appends and fsyncs.
+    let before = node.storage_stats();
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let node = node.clone();
+            tokio::spawn(async move { node.propose(&batch(i)).await })
+        })
+        .collect();
+    for t in tasks {
+        let results = t.await.unwrap().unwrap();
+        assert_eq!(results.len(), 2);
+    }
+    let after = node.storage_stats();
+    let entries = after.entries - before.entries;
+    let flushes = after.flushes - before.flushes;
+    assert!(entries >= 200, "{after:?}");
+    assert!(flushes < entries, "group commit: {flushes} fsyncs for {entries} entries");
+    eprintln!("group commit: {flushes} fsyncs for {entries} entries, {:?}", after);
+    c.stop(1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_without_quorum_stops_serving_and_commits_nothing() {
+    let mut c = Cluster::new(3, |_| {});
+    for id in 1..=3 {
+        c.start(id).await;
+    }
+    let leader = c.leader().await;
+    let applied = propose_all(c.node(leader), 0..3).await;
+    c.assert_converged(applied).await;
+    for id in (1..=3).filter(|&i| i != leader) {
+        c.stop(id).await;
+    }
+    let m = c.node(leader).wait_for(DEADLINE, |m| !m.serving).await.unwrap();
+    assert!(m.applied_index >= Some(applied));
+    let stuck = tokio::time::timeout(Duration::from_millis(500), c.node(leader).propose(&batch(9))).await;
+    assert!(!matches!(stuck, Ok(Ok(_))), "committed without a quorum: {stuck:?}");
+    c.stop(leader).await;
+}

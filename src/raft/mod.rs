@@ -71,7 +71,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::state::{self, Applied, Event, State, StateError};
-use crate::storage::{LogStore, SnapshotStore, StorageError};
+use crate::storage::{LogStore, SnapshotStore, StorageError, StorageStats, StorageStatsSnapshot};
 pub use tls::{ClusterTls, TlsConfig, TlsError};
 pub use types::{ApplyOutcome, BatchPayload, NodeAddr, NodeId, Raft, TypeConfig};
 
@@ -203,9 +203,13 @@ pub struct NodeMetrics {
     /// Leader only: when a quorum last acknowledged it (None elsewhere). A
     /// leader past one election timeout without it must stop serving.
     pub quorum_acked_at: Option<tokio::time::Instant>,
-    /// Leader that has applied an entry of its own term, hence everything
-    /// committed before it: the DESIGN's condition to serve MQTT.
+    /// The DESIGN's condition to serve MQTT: leader, has applied an entry of
+    /// its own term (hence everything committed before it), and a quorum
+    /// acknowledged it within the last `election_timeout_max_ms`. Turns false
+    /// within one heartbeat of any of these failing.
     pub serving: bool,
+    /// Times this node saw the leader change (to a known leader).
+    pub leader_changes: u64,
     pub voters: BTreeSet<NodeId>,
     pub learners: BTreeSet<NodeId>,
 }
@@ -237,6 +241,7 @@ fn node_metrics(m: &openraft::RaftMetrics<TypeConfig>) -> NodeMetrics {
         purged_index: m.purged.as_ref().map(|l| l.index),
         quorum_acked_at: m.last_quorum_acked.as_ref().map(|t| tokio::time::Instant::now() - t.elapsed()),
         serving,
+        leader_changes: 0,
         voters,
         learners,
     }
@@ -251,6 +256,7 @@ pub struct RaftNode {
     stop: Arc<watch::Sender<bool>>,
     /// Resolves when the log store has released its files.
     store_closed: Arc<tokio::sync::Mutex<Option<StoreClosed>>>,
+    storage_stats: Arc<StorageStats>,
 }
 
 type StoreClosed = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
@@ -325,6 +331,7 @@ impl RaftNode {
         let dir = data_dir.join("raft");
         let log_store = LogStore::open(&dir.join("log"))?;
         let store_closed: StoreClosed = Box::pin(log_store.on_closed());
+        let storage_stats = log_store.stats();
         let snapshots = SnapshotStore::open(&dir.join("snapshot")).map_err(StorageError::from)?;
         let tls = config.tls.as_ref().map(ClusterTls::load).transpose()?;
         let listener = TcpListener::bind(&config.listen)
@@ -340,7 +347,12 @@ impl RaftNode {
 
         let (stop_tx, stop_rx) = watch::channel(false);
         tokio::spawn(server::serve(listener, raft.clone(), tls, stop_rx.clone()));
-        let metrics = spawn_metrics(&raft, stop_rx);
+        let metrics = spawn_metrics(
+            &raft,
+            stop_rx,
+            Duration::from_millis(config.heartbeat_ms),
+            Duration::from_millis(config.election_timeout_max_ms),
+        );
 
         let node = RaftNode {
             id: config.node_id,
@@ -348,6 +360,7 @@ impl RaftNode {
             metrics,
             stop: Arc::new(stop_tx),
             store_closed: Arc::new(tokio::sync::Mutex::new(Some(store_closed))),
+            storage_stats,
         };
         if config.is_bootstrap_node() {
             node.bootstrap(config).await?;
@@ -463,6 +476,12 @@ impl RaftNode {
         Ok(m.snapshot_index.unwrap_or(0))
     }
 
+    /// Log store counters: group commits (fsyncs), appends, entries, bytes,
+    /// flush latency.
+    pub fn storage_stats(&self) -> StorageStatsSnapshot {
+        self.storage_stats.snapshot()
+    }
+
     /// The openraft handle, for what this wrapper does not cover.
     pub fn raft(&self) -> &Raft {
         &self.raft
@@ -492,17 +511,29 @@ fn write_error(e: OrError<TypeConfig, ClientWriteError<TypeConfig>>) -> RaftErro
     }
 }
 
-/// Mirrors openraft's metrics into a plain tokio watch of [`NodeMetrics`].
-fn spawn_metrics(raft: &Raft, mut stop: watch::Receiver<bool>) -> watch::Receiver<NodeMetrics> {
+/// Mirrors openraft's metrics into a plain tokio watch of [`NodeMetrics`],
+/// re-evaluated every heartbeat too: losing quorum contact changes nothing in
+/// openraft's metrics, yet must turn `serving` off within `lease`.
+fn spawn_metrics(
+    raft: &Raft,
+    mut stop: watch::Receiver<bool>,
+    tick: Duration,
+    lease: Duration,
+) -> watch::Receiver<NodeMetrics> {
     let mut src = raft.metrics();
-    let (tx, rx) = watch::channel(node_metrics(&src.borrow_watched()));
+    let mut tracker = LeaderTracker::default();
+    let first = tracker.update(node_metrics(&src.borrow_watched()), lease);
+    let (tx, rx) = watch::channel(first);
     tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(tick);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             tokio::select! {
                 r = src.changed() => if r.is_err() { return },
+                _ = ticker.tick() => {}
                 _ = stop.changed() => return,
             }
-            let m = node_metrics(&src.borrow_watched());
+            let m = tracker.update(node_metrics(&src.borrow_watched()), lease);
             let shut = m.role == Role::Shutdown;
             tx.send_if_modified(|cur| {
                 let changed = *cur != m;
@@ -515,4 +546,25 @@ fn spawn_metrics(raft: &Raft, mut stop: watch::Receiver<bool>) -> watch::Receive
         }
     });
     rx
+}
+
+/// Counts leader changes and applies the quorum-contact rule to `serving`.
+#[derive(Default)]
+struct LeaderTracker {
+    last_leader: Option<NodeId>,
+    changes: u64,
+}
+
+impl LeaderTracker {
+    fn update(&mut self, mut m: NodeMetrics, lease: Duration) -> NodeMetrics {
+        if m.leader.is_some() && m.leader != self.last_leader {
+            self.changes += 1;
+            self.last_leader = m.leader;
+        }
+        m.leader_changes = self.changes;
+        let alone = m.voters.len() == 1 && m.voters.contains(&m.node_id);
+        let quorum_fresh = alone || m.quorum_acked_at.is_some_and(|t| t.elapsed() < lease);
+        m.serving = m.serving && quorum_fresh;
+        m
+    }
 }

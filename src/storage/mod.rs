@@ -21,7 +21,11 @@ use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+
+use hdrhistogram::Histogram;
+use parking_lot::Mutex;
 
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogReader};
@@ -38,6 +42,9 @@ const FLUSH_QUEUE: usize = 1024;
 /// `limited_get_log_entries` stops after this many bytes (at least one entry),
 /// so an AppendEntries frame stays far below the transport's frame limit.
 const MAX_READ_BYTES: usize = 8 * 1024 * 1024;
+
+/// sled page cache per node.
+const CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
 const KEY_VOTE: &[u8] = b"vote";
 const KEY_COMMITTED: &[u8] = b"committed";
@@ -104,9 +111,70 @@ fn key_range<RB: RangeBounds<u64>>(range: &RB) -> (Bound<[u8; 8]>, Bound<[u8; 8]
     (start, end)
 }
 
+/// Counters of the log store, shared with whoever reports metrics.
+pub struct StorageStats {
+    /// fsyncs of the log (group commits).
+    pub flushes: AtomicU64,
+    /// `append` calls (each may carry many entries).
+    pub appends: AtomicU64,
+    pub entries: AtomicU64,
+    /// Encoded entry bytes appended.
+    pub bytes: AtomicU64,
+    /// Duration of each group-commit flush, microseconds.
+    flush_us: Mutex<Histogram<u64>>,
+}
+
+/// A copy of [`StorageStats`] at one moment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StorageStatsSnapshot {
+    pub flushes: u64,
+    pub appends: u64,
+    pub entries: u64,
+    pub bytes: u64,
+    pub flush_p50_us: u64,
+    pub flush_p99_us: u64,
+    pub flush_max_us: u64,
+}
+
+impl StorageStats {
+    fn new() -> StorageStats {
+        StorageStats {
+            flushes: AtomicU64::new(0),
+            appends: AtomicU64::new(0),
+            entries: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            // 1 us .. 1 h, 2 significant digits: constant bounds hdrhistogram
+            // accepts (low >= 1, high >= 2 * low), so this cannot fail.
+            flush_us: Mutex::new(
+                Histogram::new_with_bounds(1, 3_600_000_000, 2).expect("valid constant histogram bounds"),
+            ),
+        }
+    }
+
+    fn record_flush(&self, took: std::time::Duration) {
+        self.flushes.fetch_add(1, Ordering::Relaxed);
+        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX).max(1);
+        self.flush_us.lock().saturating_record(us);
+    }
+
+    pub fn snapshot(&self) -> StorageStatsSnapshot {
+        let h = self.flush_us.lock();
+        StorageStatsSnapshot {
+            flushes: self.flushes.load(Ordering::Relaxed),
+            appends: self.appends.load(Ordering::Relaxed),
+            entries: self.entries.load(Ordering::Relaxed),
+            bytes: self.bytes.load(Ordering::Relaxed),
+            flush_p50_us: h.value_at_quantile(0.5),
+            flush_p99_us: h.value_at_quantile(0.99),
+            flush_max_us: h.max(),
+        }
+    }
+}
+
 /// The Raft log and metadata in sled. See the module docs.
 pub struct LogStore {
     inner: Arc<Inner>,
+    stats: Arc<StorageStats>,
     flusher: mpsc::Sender<IOFlushed<TypeConfig>>,
     closed: watch::Receiver<bool>,
 }
@@ -139,14 +207,25 @@ impl LogStore {
     /// Opens (or creates) the store in `dir`. Must run inside a tokio runtime:
     /// it spawns the flusher task, which ends when the store is dropped.
     pub fn open(dir: &Path) -> Result<LogStore, StorageError> {
-        let db = sled::Config::new().path(dir).open()?;
+        // sled's default page cache is 1 GiB; the log is read mostly at its tail.
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(CACHE_BYTES)
+            .mode(sled::Mode::HighThroughput)
+            .open()?;
         let log = db.open_tree("log")?;
         let meta = db.open_tree("meta")?;
         let (tx, rx) = mpsc::channel(FLUSH_QUEUE);
         let (closed_tx, closed) = watch::channel(false);
         let inner = Arc::new(Inner { db, log, meta, _closed: ClosedOnDrop(closed_tx) });
-        tokio::spawn(flush_loop(inner.clone(), rx));
-        Ok(LogStore { inner, flusher: tx, closed })
+        let stats = Arc::new(StorageStats::new());
+        tokio::spawn(flush_loop(inner.clone(), stats.clone(), rx));
+        Ok(LogStore { inner, stats, flusher: tx, closed })
+    }
+
+    /// The store's counters (they outlive the store).
+    pub fn stats(&self) -> Arc<StorageStats> {
+        self.stats.clone()
     }
 
     /// Resolves once this store, its flusher and every reader handed out are
@@ -179,14 +258,20 @@ impl LogStore {
 }
 
 /// Group commit: one fsync for every append queued before it started.
-async fn flush_loop(inner: Arc<Inner>, mut rx: mpsc::Receiver<IOFlushed<TypeConfig>>) {
+async fn flush_loop(
+    inner: Arc<Inner>,
+    stats: Arc<StorageStats>,
+    mut rx: mpsc::Receiver<IOFlushed<TypeConfig>>,
+) {
     let mut waiting = Vec::new();
     while let Some(cb) = rx.recv().await {
         waiting.push(cb);
         while let Ok(cb) = rx.try_recv() {
             waiting.push(cb);
         }
+        let started = std::time::Instant::now();
         let result = inner.db.flush_async().await.map(|_| ()).map_err(|e| e.to_string());
+        stats.record_flush(started.elapsed());
         for cb in waiting.drain(..) {
             cb.io_completed(result.clone().map_err(io::Error::other));
         }
@@ -292,9 +377,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let mut batch = sled::Batch::default();
+        let (mut n, mut bytes) = (0u64, 0u64);
         for e in entries {
-            batch.insert(&index_key(e.log_id.index), convert::entry_to_pb(&e).encode_to_vec());
+            let value = convert::entry_to_pb(&e).encode_to_vec();
+            n += 1;
+            bytes += value.len() as u64;
+            batch.insert(&index_key(e.log_id.index), value);
         }
+        self.stats.appends.fetch_add(1, Ordering::Relaxed);
+        self.stats.entries.fetch_add(n, Ordering::Relaxed);
+        self.stats.bytes.fetch_add(bytes, Ordering::Relaxed);
         self.inner.log.apply_batch(batch).map_err(sled_err)?;
         // Readable now; durable when the flusher calls back.
         if let Err(mpsc::error::SendError(cb)) = self.flusher.send(callback).await {
