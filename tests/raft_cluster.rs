@@ -161,10 +161,14 @@ async fn propose_all(node: &RaftNode, range: std::ops::Range<usize>) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_elect_replicate_fail_over_and_restart() {
     let mut c = Cluster::new(3, |_| {});
-    // Any start order forms one cluster; the lowest id bootstraps it.
-    for id in [3, 2, 1] {
-        c.start(id).await;
-    }
+    // Any start order forms one cluster; only the lowest id bootstraps it, so
+    // nodes 3 and 2 alone stay uninitialized (no leader, no membership).
+    c.start(3).await;
+    c.start(2).await;
+    let alone = c.node(2).wait_for(Duration::from_secs(1), |m| m.leader.is_some()).await;
+    assert!(matches!(alone, Err(RaftError::Timeout(_))), "{alone:?}");
+    assert!(c.node(3).metrics().voters.is_empty());
+    c.start(1).await;
     let leader = c.leader().await;
     let applied = propose_all(c.node(leader), 0..30).await;
     let digest = c.assert_converged(applied).await;
@@ -434,4 +438,54 @@ async fn leader_without_quorum_stops_serving_and_commits_nothing() {
     let stuck = tokio::time::timeout(Duration::from_millis(500), c.node(leader).propose(&batch(9))).await;
     assert!(!matches!(stuck, Ok(Ok(_))), "committed without a quorum: {stuck:?}");
     c.stop(leader).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_joins_as_learner_becomes_voter_and_is_removed() {
+    let mut c = Cluster::new(4, |cfg| {
+        cfg.snapshot_every = 10;
+        cfg.keep_after_snapshot = 0;
+    });
+    // Node 4 is not part of the bootstrap list: it joins at run time.
+    let bootstrap: Vec<NodeInfo> =
+        c.nodes[..3].iter().map(|n| n.cfg.nodes[(n.cfg.node_id - 1) as usize].clone()).collect();
+    for n in &mut c.nodes[..3] {
+        n.cfg.nodes = bootstrap.clone();
+    }
+    c.nodes[3].cfg.join = true;
+    for id in 1..=4 {
+        c.start(id).await;
+    }
+    let leader = c.leader().await;
+    let applied = propose_all(c.node(leader), 0..40).await;
+    assert_eq!(c.node(4).metrics().voters.len(), 0, "node 4 is not a member yet");
+
+    let info = &c.nodes[3].cfg.nodes[3];
+    let addr = raftmq::raft::NodeAddr {
+        cluster_addr: info.cluster_addr.clone(),
+        mqtt_addr: info.mqtt_addr.clone(),
+        admin_addr: info.admin_addr.clone(),
+    };
+    c.node(leader).add_learner(4, addr, true).await.unwrap();
+    let m = c.node(leader).wait_for(DEADLINE, |m| m.learners.contains(&4)).await.unwrap();
+    assert_eq!(m.voters.len(), 3);
+    c.assert_converged(applied).await;
+
+    c.node(leader).change_membership([1, 2, 3, 4].into(), false).await.unwrap();
+    c.node(4).wait_for(DEADLINE, |m| m.voters.len() == 4 && m.voters.contains(&4)).await.unwrap();
+    let applied = propose_all(c.node(c.leader().await), 40..45).await;
+    c.assert_converged(applied).await;
+
+    let leader = c.leader().await;
+    let keep: std::collections::BTreeSet<u64> = [1, 2, 3, 4].into_iter().filter(|&i| i != 4).collect();
+    c.node(leader).change_membership(keep, false).await.unwrap();
+    let m = c
+        .node(c.leader().await)
+        .wait_for(DEADLINE, |m| !m.voters.contains(&4) && !m.learners.contains(&4))
+        .await
+        .unwrap();
+    assert_eq!(m.voters.len(), 3);
+    for id in 1..=4 {
+        c.stop(id).await;
+    }
 }
