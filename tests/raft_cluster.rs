@@ -418,6 +418,13 @@ async fn single_node_serves_and_group_commits() {
     assert!(entries >= 200, "{after:?}");
     assert!(flushes < entries, "group commit: {flushes} fsyncs for {entries} entries");
     eprintln!("group commit: {flushes} fsyncs for {entries} entries, {:?}", after);
+
+    // A batch that could never fit one replication frame is refused up front.
+    let huge = state::pb::Batch {
+        now_ms: 1,
+        commands: vec![retained("big", "x".repeat(raftmq::raft::MAX_ENTRY_BYTES + 1))],
+    };
+    assert!(matches!(node.propose(&huge).await, Err(RaftError::TooLarge { .. })));
     c.stop(1).await;
 }
 

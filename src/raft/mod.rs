@@ -75,6 +75,11 @@ use crate::storage::{LogStore, SnapshotStore, StorageError, StorageStats, Storag
 pub use tls::{ClusterTls, TlsConfig, TlsError};
 pub use types::{ApplyOutcome, BatchPayload, NodeAddr, NodeId, Raft, TypeConfig};
 
+/// Largest encoded batch one log entry may carry: it must fit in one
+/// AppendEntries frame ([`network::MAX_FRAME`]) with room to spare. The
+/// pipeline must cut batches below this (and cap MQTT packet sizes).
+pub const MAX_ENTRY_BYTES: usize = network::MAX_FRAME / 2;
+
 /// Receives the events of every applied entry, on every node (the same type
 /// as the single-node pipeline's sink).
 pub type EventSink = Box<dyn Fn(Vec<Event>) + Send + Sync>;
@@ -169,6 +174,9 @@ pub enum RaftError {
     State(#[from] StateError),
     #[error("timed out after {0:?}")]
     Timeout(Duration),
+    /// The encoded batch exceeds [`MAX_ENTRY_BYTES`]: split it.
+    #[error("batch of {size} bytes exceeds the {max} bytes an entry may have")]
+    TooLarge { size: usize, max: usize },
     /// The Raft node stopped (shutdown, or a storage failure).
     #[error("raft stopped: {0}")]
     Fatal(String),
@@ -398,8 +406,12 @@ impl RaftNode {
         &self,
         batch: &state::pb::Batch,
     ) -> Result<(u64, Vec<Result<Applied, StateError>>), RaftError> {
-        let payload = BatchPayload(batch.encode_to_vec().into());
-        match self.raft.client_write(payload).await {
+        let bytes = batch.encode_to_vec();
+        if bytes.len() > MAX_ENTRY_BYTES {
+            // It could never be replicated (one entry must fit one frame).
+            return Err(RaftError::TooLarge { size: bytes.len(), max: MAX_ENTRY_BYTES });
+        }
+        match self.raft.client_write(BatchPayload(bytes.into())).await {
             Ok(resp) => Ok((resp.log_id.index, resp.data.0?)),
             Err(OrError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                 Err(RaftError::ForwardToLeader { leader_id: f.leader_id, leader: f.leader_node })
