@@ -201,6 +201,7 @@ async fn three_nodes_elect_replicate_fail_over_and_restart() {
     let stopped = t.elapsed();
     let new_leader = c.leader().await;
     eprintln!("failover: stop took {stopped:?}; new serving leader {:?} after it", t.elapsed() - stopped);
+    assert!(c.node(new_leader).metrics().leader_changes >= 2, "saw the first leader, then another");
     assert_ne!(new_leader, leader);
     let applied = propose_all(c.node(new_leader), 30..50).await;
     let digest_after = c.assert_converged(applied).await;
@@ -418,6 +419,10 @@ async fn single_node_serves_and_group_commits() {
     assert!(entries >= 200, "{after:?}");
     assert!(flushes < entries, "group commit: {flushes} fsyncs for {entries} entries");
     eprintln!("group commit: {flushes} fsyncs for {entries} entries, {:?}", after);
+
+    // An explicit snapshot covers everything applied so far.
+    let applied = node.metrics().applied_index.unwrap();
+    assert!(node.snapshot(DEADLINE).await.unwrap() >= applied);
 
     // A batch that could never fit one replication frame is refused up front.
     let huge = state::pb::Batch {

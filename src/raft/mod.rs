@@ -13,6 +13,17 @@
 //! applied (on every node, in log order) the proposer gets the per-command
 //! results in order, and the `Event`s go to the event sink of every node.
 //!
+//! - The sink is called on the state-machine task, after the entry is applied
+//!   and before the proposer hears back: it must not block. Installing a
+//!   snapshot replaces the State wholesale and raises no events.
+//! - [`RaftError::OutcomeUnknown`]: the entry may still commit; never
+//!   acknowledge it to a client as done, never blindly re-propose it.
+//! - A leader cut off from its quorum keeps `propose` pending until the
+//!   partition heals or it learns of a new leader: callers bound the wait,
+//!   and stop serving when [`NodeMetrics::serving`] turns false.
+//! - Data directory: `<data_dir>/raft/log` (sled: log, vote, committed,
+//!   purged), `<data_dir>/raft/snapshot/snapshot.bin` (the newest snapshot).
+//!
 //! # Bootstrap: exactly one cluster, no manual step
 //!
 //! Only the node with the lowest id of the static `nodes` list ever calls
