@@ -420,6 +420,18 @@ async fn single_node_serves_and_group_commits() {
     assert!(flushes < entries, "group commit: {flushes} fsyncs for {entries} entries");
     eprintln!("group commit: {flushes} fsyncs for {entries} entries, {:?}", after);
 
+    // Garbage from the network closes that connection, nothing else.
+    for frame in [&[0u8, 0, 0, 3, 0xff, 0xff, 0xff][..], &[0x7f, 0xff, 0xff, 0xff][..]] {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = tokio::net::TcpStream::connect(&c.nodes[0].cfg.listen).await.unwrap();
+        tcp.write_all(frame).await.unwrap();
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(DEADLINE, tcp.read(&mut buf)).await.unwrap().unwrap_or(0);
+        assert_eq!(n, 0, "the server closes a connection that sends garbage");
+    }
+    assert!(node.metrics().serving);
+    node.propose(&batch(1)).await.unwrap();
+
     // An explicit snapshot covers everything applied so far.
     let applied = node.metrics().applied_index.unwrap();
     assert!(node.snapshot(DEADLINE).await.unwrap() >= applied);
