@@ -16,6 +16,7 @@ use serde::Deserialize;
 use crate::admin::AdminConfig;
 use crate::broker::BrokerConfig;
 use crate::listener::{ListenerConfig, ListenerKind};
+use crate::raft::ClusterConfig;
 
 /// Environment variables with this prefix override file keys; `__` separates
 /// sections: `RAFTMQ_MQTT__MAX_PACKET_SIZE=65536`.
@@ -48,6 +49,8 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     /// Admin HTTP (health, metrics, REST API).
     pub admin: AdminConfig,
+    /// Raft: this node's cluster listener, the static list of nodes, timings, TLS.
+    pub cluster: ClusterConfig,
 }
 
 impl Default for Config {
@@ -58,6 +61,7 @@ impl Default for Config {
             mqtt: BrokerConfig::default(),
             listeners: Vec::new(),
             admin: AdminConfig::default(),
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -110,6 +114,8 @@ impl Config {
         if let Some(dir) = &overrides.data_dir {
             self.data_dir = dir.clone();
         }
+        // One id per node: the top-level key is the one users set.
+        self.cluster.node_id = self.node_id;
     }
 
     fn validate(&self) -> Result<(), ConfigError> {

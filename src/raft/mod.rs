@@ -122,6 +122,8 @@ impl NodeInfo {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClusterConfig {
+    /// Set from the node's top-level `node_id`; not a key of its own.
+    #[serde(skip)]
     pub node_id: NodeId,
     /// Address the cluster listener binds (`host:port`).
     pub listen: String,
