@@ -377,7 +377,6 @@ fn config_is_validated() {
     assert!(cfg.validate().is_err());
     let parsed: ClusterConfig = toml::from_str(
         r#"
-        node_id = 2
         listen = "0.0.0.0:7800"
         nodes = [
           { id = 1, cluster_addr = "a:7800", mqtt_addr = "a:1883", admin_addr = "a:8080" },
@@ -390,7 +389,9 @@ fn config_is_validated() {
         "#,
     )
     .unwrap();
-    assert_eq!(parsed.node_id, 2);
+    // node_id is the node's top-level key, copied in by `Config`, not a [cluster] key.
+    assert_eq!(parsed.node_id, ClusterConfig::default().node_id);
+    assert_eq!(parsed.nodes[1].cluster_addr, "b:7800");
     assert_eq!(parsed.election_timeout_min_ms, 100);
     assert_eq!(parsed.tls.unwrap().ca_file, Path::new("ca.pem"));
 }
