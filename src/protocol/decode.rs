@@ -539,10 +539,11 @@ fn reason_properties(
 }
 
 /// Topic name rules a decoder can check (MQTT 4.7.1, 4.7.3, 3.3.2.1): no
-/// wildcards; empty only with a topic alias (and never for a will).
+/// wildcards; empty only with a topic alias (and never for a will). An empty
+/// name without an alias is a Protocol Error (MQTT 5 3.3.2.1), not 0x90.
 fn check_topic_name(r: &Reader, topic: &str, has_alias: bool) -> Result<(), DecodeError> {
     if topic.is_empty() && !has_alias {
-        return Err(DecodeError::TopicNameInvalid {
+        return Err(DecodeError::ProtocolViolation {
             ctx: r.ctx,
             what: "empty topic name without topic alias",
         });

@@ -413,10 +413,11 @@ fn publish_errors() {
     assert_eq!(wild.reason_code(), reason::TOPIC_NAME_INVALID);
     let wild = err(&pkt(0x30, b"\x00\x01#\x00"), V5);
     assert_eq!(wild.reason_code(), reason::TOPIC_NAME_INVALID);
+    // An empty topic name without a topic alias is a Protocol Error (MQTT 5 3.3.2.1).
     let empty = err(&pkt(0x30, b"\x00\x00x"), V3);
-    assert_eq!(empty.reason_code(), reason::TOPIC_NAME_INVALID);
+    assert_eq!(empty.reason_code(), reason::PROTOCOL_ERROR);
     let empty = err(&pkt(0x30, b"\x00\x00\x00"), V5);
-    assert_eq!(empty.reason_code(), reason::TOPIC_NAME_INVALID);
+    assert_eq!(empty.reason_code(), reason::PROTOCOL_ERROR);
     // Truncated packet id.
     let cut = err(&pkt(0x32, b"\x00\x01t\x00"), V3);
     assert!(matches!(cut, DecodeError::UnexpectedEnd { .. }), "{cut:?}");
