@@ -28,7 +28,9 @@ async fn connack_success_rumqttc_v5() {
     let codes = c.suback().await;
     assert_eq!(
         codes,
-        vec![rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::Success(rumqttc::v5::mqttbytes::QoS::AtLeastOnce)]
+        vec![rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::Success(
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce
+        )]
     );
 }
 
@@ -53,7 +55,7 @@ async fn connack_v5_properties_announce_limits() {
             assert_eq!(v, 1, "property {id:#x} in {p:?}");
         }
     }
-    assert!(p.find(MAXIMUM_QOS).is_none() || p.u8_of(MAXIMUM_QOS) == Some(2) , "{p:?}");
+    assert!(p.find(MAXIMUM_QOS).is_none() || p.u8_of(MAXIMUM_QOS) == Some(2), "{p:?}");
 }
 
 #[tokio::test]
@@ -361,10 +363,7 @@ async fn server_keep_alive_absent_when_within_limit() {
     let b = Broker::start_with(BrokerCfg::new().mqtt("max_keep_alive = 100")).await;
     let (_c, ack) = RawClient::connect(b.addr, &Conn::v5("ska2").keep_alive(60)).await;
     let p = connack_props(&ack);
-    assert!(
-        p.u16_of(SERVER_KEEP_ALIVE).is_none() || p.u16_of(SERVER_KEEP_ALIVE) == Some(60),
-        "{p:?}"
-    );
+    assert!(p.u16_of(SERVER_KEEP_ALIVE).is_none() || p.u16_of(SERVER_KEEP_ALIVE) == Some(60), "{p:?}");
 }
 
 // ------------------------------------------------------------ wills
@@ -415,7 +414,8 @@ async fn will_on_disconnect_0x04() {
     let b = Broker::start().await;
     let topic = "will/x04";
     let mut s = will_watcher(&b, topic).await;
-    let (mut c, _) = RawClient::connect_ok(b.addr, &Conn::v5("x04").will(Will::new(topic, b"with-will"))).await;
+    let (mut c, _) =
+        RawClient::connect_ok(b.addr, &Conn::v5("x04").will(Will::new(topic, b"with-will"))).await;
     c.send(&disconnect(Some(0x04), &[])).await;
     let m = s.expect_pub().await;
     assert_eq!(m.payload, b"with-will");
@@ -534,7 +534,8 @@ async fn will_delay_longer_than_session_expiry_sent_at_session_end() {
 async fn connect_with_auth_method_is_refused_0x8c() {
     let b = Broker::start().await;
     let (mut c, ack) =
-        RawClient::connect(b.addr, &Conn::v5("scram").prop(Prop::Str(AUTH_METHOD, "SCRAM-SHA-1".into()))).await;
+        RawClient::connect(b.addr, &Conn::v5("scram").prop(Prop::Str(AUTH_METHOD, "SCRAM-SHA-1".into())))
+            .await;
     assert_eq!(connack_code(&ack), 0x8C, "bad authentication method");
     c.expect_closed(common::DEADLINE).await;
 }
@@ -583,9 +584,7 @@ async fn request_response_round_trip() {
     responder.send(&puback(req.pid.unwrap_or(0))).await;
     let rt = req.props.str_of(RESPONSE_TOPIC).expect("response topic").to_string();
     let cd = req.props.bin_of(CORRELATION_DATA).expect("correlation data").to_vec();
-    responder
-        .publish_acked(&Pub::new(&rt, b"pong", 1).pid(2).prop(Prop::Bin(CORRELATION_DATA, cd)))
-        .await;
+    responder.publish_acked(&Pub::new(&rt, b"pong", 1).pid(2).prop(Prop::Bin(CORRELATION_DATA, cd))).await;
     let resp = requester.expect_pub().await;
     assert_eq!(resp.payload, b"pong");
     assert_eq!(resp.props.bin_of(CORRELATION_DATA), Some(&b"corr-1"[..]));

@@ -167,10 +167,7 @@ impl Broker {
             if let Some(c) = b.child.as_mut() {
                 if let Ok(Some(status)) = c.try_wait() {
                     b.child = None;
-                    return Err(format!(
-                        "exited with {status}\nconfig:\n{toml}\nlog:\n{}",
-                        b.log_text()
-                    ));
+                    return Err(format!("exited with {status}\nconfig:\n{toml}\nlog:\n{}", b.log_text()));
                 }
             }
             if b.ready().await {
