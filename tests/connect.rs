@@ -143,8 +143,8 @@ async fn empty_client_id_v5_gets_assigned_id() {
     let p = connack_props(&ack);
     let id = p.str_of(ASSIGNED_CLIENT_ID).expect("Assigned Client Identifier in CONNACK");
     assert!(!id.is_empty());
-    c.sub("assigned/t", 1).await;
-    c.publish_acked(&Pub::new("assigned/t", b"hi", 1).pid(3)).await;
+    c.sub("assigned/t", 0).await;
+    c.publish(&Pub::new("assigned/t", b"hi", 0)).await;
     let m = c.expect_pub().await;
     assert_eq!(m.payload, b"hi");
     // A second client gets a different id.

@@ -23,22 +23,6 @@ fn resume(v5: bool, id: &str) -> Conn {
     persistent(v5, id)
 }
 
-async fn ack_pub(c: &mut RawClient, m: &Pub) {
-    match m.qos {
-        1 => c.send(&puback(m.pid.unwrap_or(0))).await,
-        2 => {
-            let pid = m.pid.unwrap_or(0);
-            c.send(&pubrec(pid)).await;
-            match c.expect(WAIT).await {
-                Pkt::PubRel { pid: p, .. } if p == pid => {}
-                other => panic!("expected PUBREL {pid}, got {other:?}"),
-            }
-            c.send(&pubcomp(pid)).await;
-        }
-        _ => {}
-    }
-}
-
 async fn offline_queue(v5: bool) {
     let b = Broker::start().await;
     let id = format!("offq-{v5}");
@@ -53,14 +37,13 @@ async fn offline_queue(v5: bool) {
     let (mut s, sp) = RawClient::connect_ok(b.addr, &resume(v5, &id)).await;
     assert!(sp, "session present on resume");
     for (i, q) in [1u8, 2, 1].into_iter().enumerate() {
-        let m = s.expect_pub().await;
+        let m = s.recv_pub_auto().await;
         assert_eq!(m.payload, format!("m{i}").as_bytes(), "queued messages in order");
         assert_eq!(m.qos, q);
-        ack_pub(&mut s, &m).await;
     }
     // The subscription survived: live messages flow too.
     p.publish_acked(&Pub::new("offq/t", b"live", 1).pid(9)).await;
-    let m = s.expect_pub().await;
+    let m = s.recv_pub_auto().await;
     assert_eq!(m.payload, b"live");
 }
 
@@ -248,8 +231,7 @@ async fn qos2_inbound_exactly_once_across_reconnect() {
         p.publish_acked(&Pub::new("q2in/t", b"end", 1).pid(6)).await;
         let mut got = Vec::new();
         loop {
-            let m = s.expect_pub().await;
-            ack_pub(&mut s, &m).await;
+            let m = s.recv_pub_auto().await;
             if m.payload == b"end" {
                 break;
             }
@@ -284,9 +266,12 @@ async fn offline_queue_limit_drops_new_messages() {
             other => panic!("{other:?}"),
         }
     }
-    // 2 in the in-flight window + 3 queued; documented policy: a full queue
-    // drops the new message, so the oldest five are kept.
-    assert_eq!(got, vec!["0", "1", "2", "3", "4"], "window 2 + queue 3, oldest kept");
+    // Queue limit 3, plus at most the in-flight window of 2 (a broker may fill
+    // the window while the client is offline). Policy when full: drop the new
+    // message, so what arrives is the oldest ones, in order.
+    let all: Vec<String> = (0..8).map(|i| i.to_string()).collect();
+    assert!((3..=5).contains(&got.len()), "queue limit not applied: got {got:?}");
+    assert_eq!(got[..], all[..got.len()], "oldest messages kept, in order");
 }
 
 #[tokio::test]
@@ -344,8 +329,7 @@ async fn qos0_queued_offline_when_enabled() {
         let (mut s, _) = RawClient::connect_ok(b.addr, &resume(v5, &id)).await;
         let mut got = Vec::new();
         for _ in 0..2 {
-            let m = s.expect_pub().await;
-            ack_pub(&mut s, &m).await;
+            let m = s.recv_pub_auto().await;
             got.push((m.payload, m.qos));
         }
         got.sort();

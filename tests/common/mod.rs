@@ -144,16 +144,31 @@ impl Broker {
         let log = dir.path().join("broker.log");
         let log_file = std::fs::File::create(&log).map_err(|e| e.to_string())?;
         let log_err = log_file.try_clone().map_err(|e| e.to_string())?;
-        let child = Command::new(env!("CARGO_BIN_EXE_raftmq"))
-            .arg("serve")
-            .arg("--config")
-            .arg(&cfg_path)
-            .env("RUST_LOG", std::env::var("RAFTMQ_TEST_LOG").unwrap_or_else(|_| "info".into()))
-            .stdin(Stdio::null())
-            .stdout(log_file)
-            .stderr(log_err)
-            .spawn()
-            .map_err(|e| format!("spawn: {e}"))?;
+        let reference = against_mosquitto();
+        let child = if reference {
+            let conf = mosquitto_conf(cfg, mqtt_port, &listeners);
+            let conf_path = dir.path().join("mosquitto.conf");
+            std::fs::write(&conf_path, &conf).map_err(|e| e.to_string())?;
+            Command::new(mosquitto_tool("mosquitto"))
+                .arg("-c")
+                .arg(&conf_path)
+                .stdin(Stdio::null())
+                .stdout(log_file)
+                .stderr(log_err)
+                .spawn()
+                .map_err(|e| format!("spawn mosquitto: {e}"))?
+        } else {
+            Command::new(env!("CARGO_BIN_EXE_raftmq"))
+                .arg("serve")
+                .arg("--config")
+                .arg(&cfg_path)
+                .env("RUST_LOG", std::env::var("RAFTMQ_TEST_LOG").unwrap_or_else(|_| "info".into()))
+                .stdin(Stdio::null())
+                .stdout(log_file)
+                .stderr(log_err)
+                .spawn()
+                .map_err(|e| format!("spawn: {e}"))?
+        };
         let mut b = Broker {
             child: Some(child),
             dir,
@@ -182,9 +197,11 @@ impl Broker {
 
     /// /health/live answers 200 and every MQTT port accepts connections.
     async fn ready(&self) -> bool {
-        match http_get(self.admin, "/health/live").await {
-            Some((200, _)) => {}
-            _ => return false,
+        if !against_mosquitto() {
+            match http_get(self.admin, "/health/live").await {
+                Some((200, _)) => {}
+                _ => return false,
+            }
         }
         let mut ports = vec![self.addr];
         ports.extend(self.listeners.values().copied());
@@ -238,6 +255,66 @@ impl Drop for Broker {
             let _ = writeln!(err, "---- end of broker log ----");
         }
     }
+}
+
+/// Developer aid: `RAFTMQ_TEST_BROKER=mosquitto cargo test ...` runs the same
+/// tests against Debian's Mosquitto 2 (configuration translated below), to tell
+/// a wrong test from a wrong broker. Not used by CI.
+pub fn against_mosquitto() -> bool {
+    std::env::var("RAFTMQ_TEST_BROKER").map(|v| v == "mosquitto").unwrap_or(false)
+}
+
+/// Translates the test configuration into mosquitto.conf (closest equivalents).
+fn mosquitto_conf(cfg: &BrokerCfg, mqtt_port: u16, listeners: &HashMap<String, SocketAddr>) -> String {
+    let mut global = vec!["allow_anonymous true".to_string(), "persistence false".to_string()];
+    let mut per_listener = Vec::new();
+    for line in &cfg.mqtt {
+        let Some((k, v)) = line.split_once('=') else { continue };
+        let (k, v) = (k.trim(), v.trim().trim_matches('"'));
+        match k {
+            "allow_anonymous" => global[0] = format!("allow_anonymous {v}"),
+            "password_file" => global.push(format!("password_file {v}")),
+            "max_packet_size" => global.push(format!("max_packet_size {v}")),
+            "receive_maximum" | "max_inflight" => global.push(format!("max_inflight_messages {v}")),
+            "max_queued_messages" => global.push(format!("max_queued_messages {v}")),
+            "max_queued_bytes" => global.push(format!("max_queued_bytes {v}")),
+            "queue_qos0_offline" => global.push(format!("queue_qos0_messages {v}")),
+            "max_keep_alive" => global.push(format!("max_keepalive {v}")),
+            "topic_alias_maximum" => per_listener.push(format!("max_topic_alias {v}")),
+            "retain_available" => global.push(format!("retain_available {v}")),
+            "sys_interval" => global.push(format!("sys_interval {v}")),
+            "max_connections" => per_listener.push(format!("max_connections {v}")),
+            _ => {}
+        }
+    }
+    let mut out = global.join("\n");
+    out.push_str("\nper_listener_settings false\n");
+    out.push_str(&format!("\nlistener {mqtt_port} 127.0.0.1\n"));
+    for l in &per_listener {
+        out.push_str(&format!("{l}\n"));
+    }
+    for spec in &cfg.listeners {
+        let Some(addr) = listeners.get(&spec.name) else { continue };
+        out.push_str(&format!("\nlistener {} 127.0.0.1\n", addr.port()));
+        if spec.kind == "ws" || spec.kind == "wss" {
+            out.push_str("protocol websockets\n");
+        }
+        for l in &per_listener {
+            out.push_str(&format!("{l}\n"));
+        }
+        for e in &spec.extra {
+            let Some((k, v)) = e.split_once('=') else { continue };
+            let (k, v) = (k.trim(), v.trim().trim_matches('"'));
+            match k {
+                "cert_file" => out.push_str(&format!("certfile {v}\n")),
+                "key_file" => out.push_str(&format!("keyfile {v}\n")),
+                "client_ca_file" => out.push_str(&format!("cafile {v}\n")),
+                "require_client_cert" => out.push_str(&format!("require_certificate {v}\n")),
+                _ => {}
+            }
+        }
+    }
+    out
 }
 
 /// A minimal HTTP/1.1 GET: (status, body).

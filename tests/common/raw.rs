@@ -699,11 +699,20 @@ impl RawClient {
             if self.closed {
                 return Recv::Closed;
             }
-            let mut tmp = [0u8; 65536];
-            match tokio::time::timeout_at(deadline, self.stream.read(&mut tmp)).await {
+            // Read straight into the heap buffer: a big array here would make every
+            // test future huge (and overflow test-thread stacks in debug builds).
+            let old_len = self.buf.len();
+            self.buf.resize(old_len + 64 * 1024, 0);
+            let res = tokio::time::timeout_at(deadline, self.stream.read(&mut self.buf[old_len..])).await;
+            let n = match &res {
+                Ok(Ok(n)) => *n,
+                _ => 0,
+            };
+            self.buf.truncate(old_len + n);
+            match res {
                 Err(_) => return Recv::Timeout,
                 Ok(Ok(0)) | Ok(Err(_)) => self.closed = true,
-                Ok(Ok(n)) => self.buf.extend_from_slice(&tmp[..n]),
+                Ok(Ok(_)) => {}
             }
         }
     }
@@ -724,6 +733,45 @@ impl RawClient {
         }
     }
 
+    /// The next PUBLISH, acknowledged as a well-behaved subscriber would
+    /// (PUBACK, or PUBREC and later PUBCOMP); PUBRELs arriving in between are
+    /// answered with PUBCOMP, so pipelined QoS 2 deliveries are handled.
+    pub async fn recv_pub_auto(&mut self) -> Pub {
+        loop {
+            match self.expect(WAIT).await {
+                Pkt::Publish(m) => {
+                    match m.qos {
+                        1 => self.send(&puback(m.pid.unwrap_or(0))).await,
+                        2 => self.send(&pubrec(m.pid.unwrap_or(0))).await,
+                        _ => {}
+                    }
+                    return m;
+                }
+                Pkt::PubRel { pid, .. } => self.send(&pubcomp(pid)).await,
+                other => panic!("expected PUBLISH, got {other:?}"),
+            }
+        }
+    }
+
+    /// Like `recv_pub_auto`, but returns None when nothing arrives within `d`.
+    pub async fn try_recv_pub_auto(&mut self, d: Duration) -> Option<Pub> {
+        loop {
+            match self.recv(d).await {
+                Recv::Packet(Pkt::Publish(m)) => {
+                    match m.qos {
+                        1 => self.send(&puback(m.pid.unwrap_or(0))).await,
+                        2 => self.send(&pubrec(m.pid.unwrap_or(0))).await,
+                        _ => {}
+                    }
+                    return Some(m);
+                }
+                Recv::Packet(Pkt::PubRel { pid, .. }) => self.send(&pubcomp(pid)).await,
+                Recv::Timeout => return None,
+                other => panic!("expected PUBLISH, got {other:?}"),
+            }
+        }
+    }
+
     /// Waits for the server to close the connection; returns what it sent before.
     pub async fn expect_closed(&mut self, timeout: Duration) -> Vec<Pkt> {
         let mut got = Vec::new();
@@ -733,6 +781,20 @@ impl RawClient {
                 Recv::Packet(p) => got.push(p),
                 Recv::Closed => return got,
                 Recv::Timeout => panic!("connection not closed within {timeout:?}; got {got:?}"),
+            }
+        }
+    }
+
+    /// Waits for the server to close the connection; None if it is still open
+    /// at the deadline.
+    pub async fn closed_within(&mut self, timeout: Duration) -> Option<Vec<Pkt>> {
+        let mut got = Vec::new();
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.recv(deadline.saturating_duration_since(Instant::now())).await {
+                Recv::Packet(p) => got.push(p),
+                Recv::Closed => return Some(got),
+                Recv::Timeout => return None,
             }
         }
     }
