@@ -7,8 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={p}");
     }
     let fds = protox::compile(protos, ["proto"])?;
-    prost_build::Config::new()
-        .btree_map(["."])
-        .compile_fds(fds)?;
+    // `bytes` fields become `bytes::Bytes`, so payloads are shared, not copied.
+    prost_build::Config::new().btree_map(["."]).bytes(["."]).compile_fds(fds)?;
     Ok(())
 }

@@ -1,0 +1,1427 @@
+//! One client connection: CONNECT handshake, then a single task that reads,
+//! writes, drains the session's mailbox and follows its pending State
+//! proposals, until the connection ends.
+//!
+//! Owns the per-connection protocol state: topic aliases, incoming QoS 2 ids,
+//! the fast-path in-flight window, the FIFO of acknowledgements waiting for
+//! State, and which of State's in-flight messages were sent on this connection.
+//! It changes replicated state only through the pipeline, and never touches
+//! another connection except through its mailbox.
+//!
+//! Memory: an idle connection keeps no read or write buffer (reads go through
+//! a per-thread scratch buffer; the connection keeps bytes only for a partial
+//! packet), and all its state sits in one boxed struct.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::{poll_fn, Future};
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::oneshot;
+
+use crate::auth::{AuthDecision, AuthRequest};
+use crate::protocol::{
+    self, reason, ConnAck, ConnAckProperties, Connect, Disconnect, LastWill, Packet, ProtocolVersion,
+    PubResp, Publish, PublishProperties, QoS, RetainHandling, SubAck, Subscribe, SubscriptionOptions,
+    UnsubAck, Unsubscribe,
+};
+use crate::state::{pb, Applied};
+use crate::topic;
+
+use super::metrics::Metrics;
+use super::pipeline::{now_ms, Reply};
+use super::router::{split_shared, SubValue, Target};
+use super::session::{flag, Delivery, Mailbox, Message};
+use super::{message_from_pb, publish_command, AckMsg, Inner, CONNECT_TIMEOUT, TAKEOVER_TIMEOUT};
+
+/// Bytes read per system call at most (the per-thread scratch buffer).
+const READ_CHUNK: usize = 16 * 1024;
+/// Above this many unwritten bytes the connection stops reading and stops
+/// draining its mailbox (the mailbox then drops for this client only).
+const WRITE_HIGH: usize = 256 * 1024;
+/// Deliveries taken from the mailbox per wake-up.
+const DRAIN: usize = 256;
+
+thread_local! {
+    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0u8; READ_CHUNK]);
+}
+
+/// The byte stream plus the partial input and unwritten output.
+struct Io<S> {
+    stream: S,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    version: ProtocolVersion,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
+    /// Reads what is available into `rbuf`; Ok(0) = end of stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        SCRATCH.with(|s| {
+            let mut s = s.borrow_mut();
+            let mut rb = ReadBuf::new(&mut s[..]);
+            match Pin::new(&mut self.stream).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) => {
+                    let n = rb.filled().len();
+                    self.rbuf.extend_from_slice(rb.filled());
+                    Poll::Ready(Ok(n))
+                }
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+    }
+
+    /// Writes `wbuf` out; Ready(Ok) once all is written and flushed.
+    fn poll_write_out(&mut self, cx: &mut Context<'_>, metrics: &Metrics) -> Poll<io::Result<()>> {
+        while !self.wbuf.is_empty() {
+            match Pin::new(&mut self.stream).poll_write(cx, &self.wbuf) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => {
+                    Metrics::add(&metrics.bytes_sent, n as u64);
+                    self.wbuf.advance(n);
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        // Idle connections keep no write buffer.
+        self.wbuf = BytesMut::new();
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    async fn write_out(&mut self, metrics: &Metrics) -> io::Result<()> {
+        poll_fn(|cx| self.poll_write_out(cx, metrics)).await
+    }
+
+    fn send(&mut self, p: &Packet, metrics: &Metrics) {
+        if protocol::encode(p, self.version, &mut self.wbuf).is_ok() {
+            Metrics::inc(&metrics.messages_sent);
+        }
+    }
+}
+
+/// Why the connection ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Close {
+    /// The client sent DISCONNECT; `will` unless its reason code was 0x00.
+    Client { will: bool },
+    /// End of stream or socket error without DISCONNECT.
+    Lost,
+    /// The server closes (MQTT 5: DISCONNECT with this reason).
+    Server { reason: u8, text: &'static str },
+}
+
+impl Close {
+    fn server(reason: u8, text: &'static str) -> Close {
+        Close::Server { reason, text }
+    }
+}
+
+type Step = Result<(), Close>;
+
+/// Serves one connection (see the module docs).
+pub(crate) async fn serve<S>(inner: Arc<Inner>, stream: S, peer: SocketAddr)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let metrics = inner.metrics.clone();
+    Metrics::inc(&metrics.connections_open);
+    Metrics::inc(&metrics.connections_total);
+    let mut io = Io { stream, rbuf: BytesMut::new(), wbuf: BytesMut::new(), version: ProtocolVersion::V311 };
+    let first = tokio::time::timeout(CONNECT_TIMEOUT, read_connect(&inner, &mut io)).await;
+    if let Ok(Some(connect)) = first {
+        if let Some(conn) = accept(inner, io, connect, peer).await {
+            conn.run().await;
+        }
+    }
+    Metrics::dec(&metrics.connections_open);
+}
+
+/// Reads the first packet, which must be CONNECT. Answers a CONNECT that
+/// cannot be decoded with the CONNACK its error calls for.
+async fn read_connect<S: AsyncRead + AsyncWrite + Unpin>(inner: &Inner, io: &mut Io<S>) -> Option<Connect> {
+    let max = inner.config.max_packet_size as usize;
+    loop {
+        match protocol::decode(&mut io.rbuf, None, max) {
+            Ok(Some(Packet::Connect(c))) => {
+                Metrics::inc(&inner.metrics.messages_received);
+                return Some(c);
+            }
+            Ok(Some(_)) => return None,
+            Ok(None) => {}
+            Err(e) => {
+                let code = e.reason_code();
+                tracing::debug!(error = %e, "bad CONNECT");
+                if let Some(v) = e.connack_version() {
+                    io.version = v;
+                    // 3.1.1 answers only an unacceptable protocol level / identifier;
+                    // other broken CONNECTs are just closed.
+                    if v.is_v5()
+                        || code == reason::UNSUPPORTED_PROTOCOL_VERSION
+                        || code == reason::CLIENT_IDENTIFIER_NOT_VALID
+                    {
+                        refuse(inner, io, code).await;
+                    }
+                }
+                return None;
+            }
+        }
+        match poll_fn(|cx| io.poll_fill(cx)).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => Metrics::add(&inner.metrics.bytes_received, n as u64),
+        }
+    }
+}
+
+/// Outgoing QoS 1/2 message of the fast path waiting for its acknowledgement.
+struct OutFlight {
+    qos: QoS,
+    /// PUBREC received, PUBREL sent.
+    released: bool,
+}
+
+/// A State in-flight entry as sent on this connection.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Sent {
+    /// PUBLISH sent; `msg` identifies the State message (entries may reuse ids).
+    Publish { msg: usize },
+    /// PUBREL sent.
+    Released { msg: usize },
+    /// The client acknowledged it; the batched Ack is on its way to State.
+    Done { msg: usize },
+}
+
+impl Sent {
+    fn msg(self) -> usize {
+        match self {
+            Sent::Publish { msg } | Sent::Released { msg } | Sent::Done { msg } => msg,
+        }
+    }
+}
+
+/// Retained messages to send after a SUBACK.
+struct RetainReq {
+    filter: String,
+    opts: SubscriptionOptions,
+    sub_id: Option<u32>,
+    /// Index of the filter in the State Subscribe command (managed sessions).
+    state_idx: Option<usize>,
+    existed: bool,
+}
+
+/// What to do once a pending proposal (if any) is applied, in FIFO order.
+enum Action {
+    Publish {
+        msg: Arc<Message>,
+        targets: Vec<Target>,
+        ack: Option<Packet>,
+    },
+    /// A plain acknowledgement (PUBREC for a duplicate, PUBCOMP after Release).
+    Ack {
+        packet: Packet,
+        releases_quota: bool,
+    },
+    SubAck {
+        ack: SubAck,
+        retained: Vec<RetainReq>,
+    },
+    UnsubAck(UnsubAck),
+}
+
+struct Pending {
+    rx: Option<oneshot::Receiver<Reply>>,
+    result: Option<Result<Reply, oneshot::error::RecvError>>,
+    action: Action,
+}
+
+enum Ev {
+    Read,
+    Mailbox(u8),
+    Applied,
+    Closed(Close),
+}
+
+/// The state of an accepted connection; boxed, so the task stays small.
+struct Conn<S> {
+    inner: Arc<Inner>,
+    io: Io<S>,
+    version: ProtocolVersion,
+    conn_id: u64,
+    mailbox: Arc<Mailbox>,
+    client_id: Arc<str>,
+    username: Option<String>,
+    /// The session lives in State (persistent, or resumed from State).
+    managed: bool,
+    /// Session Expiry Interval in force (seconds).
+    session_expiry: u32,
+    /// Will of a non-managed session (State keeps the will of managed ones).
+    will: Option<LastWill>,
+    client_receive_max: u16,
+    client_max_packet: u32,
+    topic_alias_max: u16,
+    aliases: HashMap<u16, String>,
+    /// Incoming QoS > 0 PUBLISH not yet fully acknowledged (Receive Maximum).
+    in_unacked: u16,
+    /// Incoming QoS 2 packet ids waiting for PUBREL.
+    in_qos2: HashSet<u16>,
+    pending: VecDeque<Pending>,
+    /// Fast-path deliveries taken from the mailbox, waiting for window room.
+    held: VecDeque<Delivery>,
+    out_inflight: HashMap<u16, OutFlight>,
+    next_pid: u16,
+    /// State in-flight entries sent on this connection, by packet id.
+    state_sent: HashMap<u16, Sent>,
+    /// The first scan after resuming a session sends with DUP.
+    resume_dup: bool,
+    acks: Vec<pb::AckEntry>,
+}
+
+/// The CONNACK answer to a refused CONNECT.
+async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(inner: &Inner, io: &mut Io<S>, code: u8) {
+    io.send(
+        &Packet::ConnAck(ConnAck { session_present: false, reason_code: code, ..Default::default() }),
+        &inner.metrics,
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), io.write_out(&inner.metrics)).await;
+}
+
+fn random_client_id() -> String {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    let n: u64 = rng.random();
+    format!("raftmq-{n:016x}")
+}
+
+/// Handles CONNECT: checks, authentication, takeover, session open, CONNACK.
+async fn accept<S>(inner: Arc<Inner>, mut io: Io<S>, c: Connect, peer: SocketAddr) -> Option<Box<Conn<S>>>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let version = c.protocol.0;
+    io.version = version;
+    let cfg = &inner.config;
+    let v5 = version.is_v5();
+    if v5 && c.properties.authentication_method.is_some() {
+        refuse(&inner, &mut io, reason::BAD_AUTHENTICATION_METHOD).await;
+        return None;
+    }
+    let mut assigned = None;
+    let client_id: String = if c.client_id.is_empty() {
+        if !v5 && !c.clean_start {
+            refuse(&inner, &mut io, reason::CLIENT_IDENTIFIER_NOT_VALID).await;
+            return None;
+        }
+        let id = random_client_id();
+        if v5 {
+            assigned = Some(id.clone());
+        }
+        id
+    } else {
+        c.client_id.clone()
+    };
+    let decision = inner.auth.authenticate(&AuthRequest {
+        client_id: &client_id,
+        username: c.username.as_deref(),
+        password: c.password.as_deref(),
+        peer,
+    });
+    if decision != AuthDecision::Allow {
+        refuse(&inner, &mut io, decision.reason_code()).await;
+        return None;
+    }
+    if inner.shutting_down.load(Ordering::Relaxed) {
+        refuse(&inner, &mut io, reason::SERVER_UNAVAILABLE).await;
+        return None;
+    }
+    if Metrics::get(&inner.metrics.clients_connected) >= cfg.max_connections as u64 {
+        Metrics::inc(&inner.metrics.connections_refused);
+        refuse(&inner, &mut io, reason::QUOTA_EXCEEDED).await;
+        return None;
+    }
+
+    // Session expiry: MQTT 5 property, MQTT 3.1.1 clean session 0 = never.
+    let requested_expiry = if v5 {
+        c.properties.session_expiry_interval.unwrap_or(0)
+    } else if c.clean_start {
+        0
+    } else {
+        u32::MAX
+    };
+    let session_expiry = requested_expiry.min(cfg.max_session_expiry);
+    let persistent = session_expiry > 0;
+
+    // Attach to the client id's mailbox, taking the session over if needed.
+    let conn_id = inner.next_conn.fetch_add(1, Ordering::Relaxed);
+    let client_key: Arc<str> = client_id.as_str().into();
+    let mailbox = loop {
+        let wait = {
+            let mut reg = inner.registry.lock();
+            let mb = reg
+                .entry(client_key.clone())
+                .or_insert_with(|| Arc::new(Mailbox::new(client_key.clone())))
+                .clone();
+            match mb.attach(conn_id) {
+                Ok(()) => break mb,
+                Err(rx) => rx,
+            }
+        };
+        if tokio::time::timeout(TAKEOVER_TIMEOUT, wait).await.is_err() {
+            refuse(&inner, &mut io, reason::SERVER_BUSY).await;
+            return None;
+        }
+    };
+    let client_key = mailbox.client_id.clone();
+
+    let state_has = inner.state.read().session(&client_id).is_some();
+    let managed = persistent || (state_has && !c.clean_start);
+    let mut session_present = false;
+    let mut qos0 = Vec::new();
+    let was_persistent = mailbox.is_managed();
+    if managed {
+        let will = c.will.as_ref().map(will_to_pb);
+        let open = pb::SessionOpen {
+            client_id: client_id.clone(),
+            clean_start: c.clean_start,
+            session_expiry_s: session_expiry,
+            receive_maximum: u32::from(c.properties.receive_maximum.unwrap_or(u16::MAX)),
+            protocol_version: u32::from(version.level()),
+            will,
+            connection_id: conn_id,
+        };
+        match inner.pipeline.propose(pb::Command { cmd: Some(pb::command::Cmd::SessionOpen(open)) }).await {
+            Ok(applied) => {
+                session_present = applied.session_present;
+                qos0 = applied.qos0_to_send;
+            }
+            Err(e) => {
+                tracing::warn!(client_id, error = %e, "session open failed");
+                detach_and_forget(&inner, &mailbox, conn_id, true);
+                refuse(&inner, &mut io, reason::UNSPECIFIED_ERROR).await;
+                return None;
+            }
+        }
+        if !was_persistent {
+            Metrics::inc(&inner.metrics.sessions_persistent);
+        }
+    } else if state_has {
+        // A clean, non-persistent session replaces a stored one.
+        let rm = pb::SessionRemove { client_id: client_id.clone() };
+        let _ = inner.pipeline.propose(pb::Command { cmd: Some(pb::command::Cmd::SessionRemove(rm)) }).await;
+        if was_persistent {
+            Metrics::dec(&inner.metrics.sessions_persistent);
+        }
+    }
+    if !session_present {
+        // Whatever the router still holds for an older session of this id goes.
+        inner.drop_subscriptions(&mailbox);
+    }
+    mailbox.set_managed(managed);
+
+    // Keep alive (MQTT 5: the server may impose a lower one).
+    let mut keep_alive = c.keep_alive;
+    let mut server_keep_alive = None;
+    if v5 && keep_alive > cfg.max_keep_alive {
+        keep_alive = cfg.max_keep_alive;
+        server_keep_alive = Some(keep_alive);
+    }
+    mailbox.last_rx_ms.store(inner.now_coarse(), Ordering::Relaxed);
+    mailbox.keepalive_limit_ms.store(u64::from(keep_alive) * 1500, Ordering::Relaxed);
+
+    let mut props = ConnAckProperties::default();
+    if v5 {
+        if session_expiry != requested_expiry {
+            props.session_expiry_interval = Some(session_expiry);
+        }
+        if cfg.receive_maximum != u16::MAX {
+            props.receive_maximum = Some(cfg.receive_maximum.max(1));
+        }
+        props.maximum_packet_size = Some(cfg.max_packet_size);
+        if cfg.topic_alias_maximum > 0 {
+            props.topic_alias_maximum = Some(cfg.topic_alias_maximum);
+        }
+        props.retain_available = Some(cfg.retain_available);
+        props.wildcard_subscription_available = Some(true);
+        props.subscription_identifiers_available = Some(true);
+        props.shared_subscription_available = Some(true);
+        props.server_keep_alive = server_keep_alive;
+        props.assigned_client_identifier = assigned;
+        if c.properties.request_response_information == Some(true) {
+            props.response_information = Some(format!("raftmq/response/{client_id}/"));
+        }
+    }
+    io.send(
+        &Packet::ConnAck(ConnAck { session_present, reason_code: reason::SUCCESS, properties: props }),
+        &inner.metrics,
+    );
+    inner.metrics.client_connected();
+
+    let mut conn = Box::new(Conn {
+        version,
+        conn_id,
+        mailbox,
+        client_id: client_key,
+        username: c.username.clone(),
+        managed,
+        session_expiry,
+        will: if managed { None } else { c.will },
+        client_receive_max: c.properties.receive_maximum.unwrap_or(u16::MAX).max(1),
+        client_max_packet: c.properties.maximum_packet_size.unwrap_or(u32::MAX),
+        topic_alias_max: cfg.topic_alias_maximum,
+        aliases: HashMap::new(),
+        in_unacked: 0,
+        in_qos2: HashSet::new(),
+        pending: VecDeque::new(),
+        held: VecDeque::new(),
+        out_inflight: HashMap::new(),
+        next_pid: 1,
+        state_sent: HashMap::new(),
+        resume_dup: session_present,
+        acks: Vec::new(),
+        io,
+        inner,
+    });
+    // Queued QoS 0 messages, then the State window (resent with DUP on resume).
+    for d in qos0 {
+        let msg = Arc::new(message_from_pb(&d.message, 0));
+        conn.held.push_back(Delivery {
+            msg,
+            qos: QoS::AtMostOnce,
+            retain: d.retain,
+            sub_ids: d.subscription_ids,
+        });
+    }
+    if managed {
+        if let Some(s) = conn.inner.state.read().session(&conn.client_id) {
+            conn.in_qos2.extend(s.incoming_qos2());
+        }
+        conn.scan_state();
+    }
+    conn.pump_out();
+    Some(conn)
+}
+
+/// Detaches a connection that failed before it was accepted.
+fn detach_and_forget(inner: &Inner, mb: &Arc<Mailbox>, conn_id: u64, forget: bool) {
+    let waiting = mb.detach(conn_id);
+    if forget && !waiting && !mb.is_managed() {
+        let mut reg = inner.registry.lock();
+        if reg.get(&mb.client_id).is_some_and(|m| Arc::ptr_eq(m, mb)) && mb.attached() == 0 {
+            reg.remove(&mb.client_id);
+        }
+    }
+}
+
+fn will_to_pb(w: &LastWill) -> pb::Will {
+    let msg = will_message(w, 0);
+    let mut m = super::message_to_pb(&msg);
+    m.expires_at_ms = 0;
+    pb::Will {
+        message: Some(m),
+        delay_s: w.properties.will_delay_interval.unwrap_or(0),
+        message_expiry_interval_s: w.properties.message_expiry_interval,
+    }
+}
+
+fn will_message(w: &LastWill, now: u64) -> Message {
+    let p = &w.properties;
+    Message {
+        topic: w.topic.clone(),
+        payload: w.payload.clone(),
+        qos: w.qos,
+        retain: w.retain,
+        props: PublishProperties {
+            payload_format_indicator: p.payload_format_indicator,
+            message_expiry_interval: None,
+            topic_alias: None,
+            response_topic: p.response_topic.clone(),
+            correlation_data: p.correlation_data.clone(),
+            user_properties: p.user_properties.clone(),
+            subscription_identifiers: Vec::new(),
+            content_type: p.content_type.clone(),
+        },
+        expires_at_ms: p.message_expiry_interval.map_or(0, |s| now + u64::from(s) * 1000),
+        publisher: 0,
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
+    async fn run(mut self: Box<Self>) {
+        let close = self.main_loop().await;
+        self.finish(close).await;
+    }
+
+    async fn main_loop(&mut self) -> Close {
+        loop {
+            let ev = poll_fn(|cx| self.poll_event(cx)).await;
+            let step = match ev {
+                Ev::Read => self.on_read().await,
+                Ev::Mailbox(f) => self.on_mailbox(f),
+                Ev::Applied => self.on_applied(),
+                Ev::Closed(c) => Err(c),
+            };
+            if let Err(c) = step {
+                return c;
+            }
+            self.flush_acks().await;
+        }
+    }
+
+    fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Ev> {
+        if !self.io.wbuf.is_empty() {
+            if let Poll::Ready(Err(_)) = self.io.poll_write_out(cx, &self.inner.metrics) {
+                return Poll::Ready(Ev::Closed(Close::Lost));
+            }
+        }
+        let write_ok = self.io.wbuf.len() < WRITE_HIGH;
+        if let Some(p) = self.pending.front_mut() {
+            match &mut p.rx {
+                None => return Poll::Ready(Ev::Applied),
+                Some(rx) => {
+                    if let Poll::Ready(r) = Pin::new(rx).poll(cx) {
+                        p.result = Some(r);
+                        p.rx = None;
+                        return Poll::Ready(Ev::Applied);
+                    }
+                }
+            }
+        }
+        let want_items = write_ok && self.held.is_empty();
+        if let Poll::Ready(f) = self.mailbox.poll_ready(cx, want_items) {
+            return Poll::Ready(Ev::Mailbox(f));
+        }
+        if write_ok {
+            match self.io.poll_fill(cx) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Ev::Closed(Close::Lost)),
+                Poll::Ready(Ok(n)) => {
+                    Metrics::add(&self.inner.metrics.bytes_received, n as u64);
+                    return Poll::Ready(Ev::Read);
+                }
+                Poll::Pending => {}
+            }
+        }
+        Poll::Pending
+    }
+
+    fn send(&mut self, p: &Packet) {
+        self.io.send(p, &self.inner.metrics);
+    }
+
+    async fn on_read(&mut self) -> Step {
+        self.mailbox.last_rx_ms.store(self.inner.now_coarse(), Ordering::Relaxed);
+        let max = self.inner.config.max_packet_size as usize;
+        loop {
+            match protocol::decode(&mut self.io.rbuf, Some(self.version), max) {
+                Ok(Some(p)) => {
+                    Metrics::inc(&self.inner.metrics.messages_received);
+                    self.handle(p).await?;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::debug!(client_id = %self.client_id, error = %e, "bad packet");
+                    return Err(Close::server(e.reason_code(), "malformed or invalid packet"));
+                }
+            }
+        }
+        if self.io.rbuf.is_empty() {
+            // An idle connection keeps no read buffer.
+            self.io.rbuf = BytesMut::new();
+        }
+        Ok(())
+    }
+
+    async fn handle(&mut self, p: Packet) -> Step {
+        match p {
+            Packet::Publish(p) => self.on_publish(p).await,
+            Packet::PubAck(r) => {
+                self.on_puback(r);
+                Ok(())
+            }
+            Packet::PubRec(r) => {
+                self.on_pubrec(r);
+                Ok(())
+            }
+            Packet::PubRel(r) => self.on_pubrel(r).await,
+            Packet::PubComp(r) => {
+                self.on_pubcomp(r);
+                Ok(())
+            }
+            Packet::Subscribe(s) => self.on_subscribe(s).await,
+            Packet::Unsubscribe(u) => self.on_unsubscribe(u).await,
+            Packet::PingReq => {
+                self.send(&Packet::PingResp);
+                Ok(())
+            }
+            Packet::Disconnect(d) => {
+                if let Some(e) = d.session_expiry_interval {
+                    if self.session_expiry == 0 && e > 0 {
+                        return Err(Close::server(
+                            reason::PROTOCOL_ERROR,
+                            "session expiry cannot be set at DISCONNECT",
+                        ));
+                    }
+                    self.session_expiry = e.min(self.inner.config.max_session_expiry);
+                }
+                Err(Close::Client { will: d.reason_code != reason::NORMAL_DISCONNECTION })
+            }
+            Packet::Connect(_) => Err(Close::server(reason::PROTOCOL_ERROR, "second CONNECT")),
+            Packet::Auth(_) => Err(Close::server(
+                reason::BAD_AUTHENTICATION_METHOD,
+                "enhanced authentication is not supported",
+            )),
+            _ => Err(Close::server(reason::PROTOCOL_ERROR, "packet not allowed from a client")),
+        }
+    }
+
+    // ------------------------------------------------------------ PUBLISH in
+
+    async fn on_publish(&mut self, p: Publish) -> Step {
+        let inner = self.inner.clone();
+        let cfg = &inner.config;
+        let pid = p.packet_id.unwrap_or(0);
+        if p.qos == QoS::ExactlyOnce && self.in_qos2.contains(&pid) {
+            // Duplicate of a message waiting for PUBREL: acknowledge, do not route again.
+            self.queue_action(Action::Ack {
+                packet: Packet::PubRec(PubResp::new(pid)),
+                releases_quota: false,
+            });
+            return Ok(());
+        }
+        if p.qos != QoS::AtMostOnce && self.in_unacked >= cfg.receive_maximum.max(1) {
+            return Err(Close::server(reason::RECEIVE_MAXIMUM_EXCEEDED, "receive maximum exceeded"));
+        }
+        let topic = self.resolve_alias(p.topic, p.properties.topic_alias)?;
+        if !topic::valid_topic_name(&topic) {
+            return Err(Close::server(reason::TOPIC_NAME_INVALID, "invalid topic name"));
+        }
+        if p.retain && !cfg.retain_available {
+            return Err(Close::server(reason::RETAIN_NOT_SUPPORTED, "retain is not available"));
+        }
+        Metrics::inc(&self.inner.metrics.publish_received);
+        if !self.inner.auth.can_publish(&self.client_id, self.username.as_deref(), &topic) {
+            let ack = match p.qos {
+                QoS::AtMostOnce => return Ok(()),
+                QoS::AtLeastOnce => Packet::PubAck(PubResp::with_reason(pid, reason::NOT_AUTHORIZED)),
+                QoS::ExactlyOnce => Packet::PubRec(PubResp::with_reason(pid, reason::NOT_AUTHORIZED)),
+            };
+            self.queue_action(Action::Ack { packet: ack, releases_quota: false });
+            return Ok(());
+        }
+        let props = p.properties;
+        let expires_at_ms = match props.message_expiry_interval {
+            Some(s) => now_ms() + u64::from(s) * 1000,
+            None => 0,
+        };
+        let msg = Arc::new(Message {
+            topic,
+            payload: p.payload,
+            qos: p.qos,
+            retain: p.retain,
+            props: PublishProperties {
+                message_expiry_interval: None,
+                topic_alias: None,
+                subscription_identifiers: Vec::new(),
+                ..props
+            },
+            expires_at_ms,
+            publisher: self.mailbox.id(),
+        });
+        let route = self.inner.router.read().route(&msg, cfg.queue_qos0_offline);
+        let qos2_state = p.qos == QoS::ExactlyOnce && self.managed;
+        let to_state = route.needs_state || msg.retain || qos2_state;
+        let ack = match p.qos {
+            QoS::AtMostOnce => None,
+            QoS::AtLeastOnce => Some(Packet::PubAck(PubResp::new(pid))),
+            QoS::ExactlyOnce => Some(Packet::PubRec(PubResp::new(pid))),
+        };
+        if p.qos != QoS::AtMostOnce {
+            self.in_unacked += 1;
+        }
+        if p.qos == QoS::ExactlyOnce {
+            self.in_qos2.insert(pid);
+        }
+        if to_state {
+            let cmd = publish_command(&msg, &self.client_id, route.shared_targets, qos2_state.then_some(pid));
+            let rx = match self.inner.pipeline.submit(cmd).await {
+                Ok(rx) => rx,
+                Err(_) => return Err(Close::server(reason::SERVER_UNAVAILABLE, "state pipeline closed")),
+            };
+            self.pending.push_back(Pending {
+                rx: Some(rx),
+                result: None,
+                action: Action::Publish { msg, targets: route.targets, ack },
+            });
+        } else {
+            self.queue_action(Action::Publish { msg, targets: route.targets, ack });
+        }
+        Ok(())
+    }
+
+    fn resolve_alias(&mut self, topic: String, alias: Option<u16>) -> Result<String, Close> {
+        let Some(alias) = alias else {
+            if topic.is_empty() {
+                return Err(Close::server(reason::PROTOCOL_ERROR, "empty topic without topic alias"));
+            }
+            return Ok(topic);
+        };
+        if alias == 0 || alias > self.topic_alias_max {
+            return Err(Close::server(reason::TOPIC_ALIAS_INVALID, "topic alias out of range"));
+        }
+        if topic.is_empty() {
+            return match self.aliases.get(&alias) {
+                Some(t) => Ok(t.clone()),
+                None => Err(Close::server(reason::PROTOCOL_ERROR, "unknown topic alias")),
+            };
+        }
+        self.aliases.insert(alias, topic.clone());
+        Ok(topic)
+    }
+
+    /// Runs `action` now, or after the pending proposals (per-client order).
+    fn queue_action(&mut self, action: Action) {
+        if self.pending.is_empty() {
+            self.run_action(action, None);
+        } else {
+            self.pending.push_back(Pending { rx: None, result: None, action });
+        }
+    }
+
+    fn on_applied(&mut self) -> Step {
+        while let Some(front) = self.pending.front_mut() {
+            let result = if let Some(rx) = &mut front.rx {
+                match rx.try_recv() {
+                    Ok(r) => Some(Ok(r)),
+                    Err(oneshot::error::TryRecvError::Empty) => break,
+                    Err(oneshot::error::TryRecvError::Closed) => {
+                        return Err(Close::server(reason::SERVER_UNAVAILABLE, "state pipeline closed"));
+                    }
+                }
+            } else {
+                front.result.take()
+            };
+            let Some(p) = self.pending.pop_front() else { break };
+            let reply = match result {
+                None => None,
+                Some(Ok(r)) => Some(r),
+                Some(Err(_)) => {
+                    return Err(Close::server(reason::SERVER_UNAVAILABLE, "state pipeline closed"))
+                }
+            };
+            self.run_action(p.action, reply);
+        }
+        self.pump_out();
+        Ok(())
+    }
+
+    fn run_action(&mut self, action: Action, reply: Option<Reply>) {
+        let failed = matches!(reply, Some(Err(_)));
+        if let Some(Err(e)) = &reply {
+            tracing::warn!(client_id = %self.client_id, error = %e, "state command failed");
+        }
+        match action {
+            Action::Publish { msg, targets, ack } => {
+                self.inner.deliver(&msg, targets, false);
+                if let Some(mut a) = ack {
+                    if let Packet::PubAck(r) | Packet::PubRec(r) = &mut a {
+                        if failed {
+                            r.reason_code = reason::UNSPECIFIED_ERROR;
+                        }
+                    }
+                    let releases = matches!(a, Packet::PubAck(_)) || failed;
+                    if failed {
+                        if let Packet::PubRec(r) = &a {
+                            self.in_qos2.remove(&r.packet_id);
+                        }
+                    }
+                    self.send(&a);
+                    if releases {
+                        self.in_unacked = self.in_unacked.saturating_sub(1);
+                    }
+                }
+            }
+            Action::Ack { packet, releases_quota } => {
+                self.send(&packet);
+                if releases_quota {
+                    self.in_unacked = self.in_unacked.saturating_sub(1);
+                }
+            }
+            Action::SubAck { ack, retained } => {
+                let existed = match reply {
+                    Some(Ok(a)) => a.existed,
+                    _ => Vec::new(),
+                };
+                self.send(&Packet::SubAck(ack));
+                self.send_retained(retained, &existed);
+            }
+            Action::UnsubAck(u) => self.send(&Packet::UnsubAck(u)),
+        }
+    }
+
+    // ------------------------------------------------------------ acks in
+
+    fn on_puback(&mut self, r: PubResp) {
+        let pid = r.packet_id;
+        if matches!(self.out_inflight.get(&pid), Some(f) if f.qos == QoS::AtLeastOnce) {
+            self.out_inflight.remove(&pid);
+        } else if let Some(Sent::Publish { msg }) = self.state_sent.get(&pid).copied() {
+            self.state_sent.insert(pid, Sent::Done { msg });
+            self.ack(pid, pb::AckKind::Puback);
+        }
+        self.pump_out();
+    }
+
+    fn on_pubrec(&mut self, r: PubResp) {
+        let pid = r.packet_id;
+        let refused = r.reason_code >= 0x80;
+        if let Some(f) = self.out_inflight.get_mut(&pid) {
+            if f.qos == QoS::ExactlyOnce {
+                if refused {
+                    self.out_inflight.remove(&pid);
+                } else {
+                    f.released = true;
+                    self.send(&Packet::PubRel(PubResp::new(pid)));
+                }
+            }
+        } else if let Some(s) = self.state_sent.get(&pid).copied() {
+            match s {
+                Sent::Publish { msg } | Sent::Released { msg } => {
+                    self.ack(pid, pb::AckKind::Pubrec);
+                    if refused {
+                        self.ack(pid, pb::AckKind::Pubcomp);
+                        self.state_sent.insert(pid, Sent::Done { msg });
+                    } else {
+                        self.state_sent.insert(pid, Sent::Released { msg });
+                        self.send(&Packet::PubRel(PubResp::new(pid)));
+                    }
+                }
+                Sent::Done { .. } => {}
+            }
+        } else if self.version.is_v5() {
+            self.send(&Packet::PubRel(PubResp::with_reason(pid, reason::PACKET_IDENTIFIER_NOT_FOUND)));
+        } else {
+            self.send(&Packet::PubRel(PubResp::new(pid)));
+        }
+        self.pump_out();
+    }
+
+    fn on_pubcomp(&mut self, r: PubResp) {
+        let pid = r.packet_id;
+        if matches!(self.out_inflight.get(&pid), Some(f) if f.released) {
+            self.out_inflight.remove(&pid);
+        } else if let Some(Sent::Released { msg }) = self.state_sent.get(&pid).copied() {
+            self.state_sent.insert(pid, Sent::Done { msg });
+            self.ack(pid, pb::AckKind::Pubcomp);
+        }
+        self.pump_out();
+    }
+
+    async fn on_pubrel(&mut self, r: PubResp) -> Step {
+        let pid = r.packet_id;
+        if !self.in_qos2.remove(&pid) {
+            let code = if self.version.is_v5() { reason::PACKET_IDENTIFIER_NOT_FOUND } else { 0 };
+            self.queue_action(Action::Ack {
+                packet: Packet::PubComp(PubResp::with_reason(pid, code)),
+                releases_quota: false,
+            });
+            return Ok(());
+        }
+        let packet = Packet::PubComp(PubResp::new(pid));
+        if self.managed {
+            let cmd = pb::Command {
+                cmd: Some(pb::command::Cmd::Release(pb::Release {
+                    client_id: self.client_id.to_string(),
+                    packet_id: u32::from(pid),
+                })),
+            };
+            let rx = match self.inner.pipeline.submit(cmd).await {
+                Ok(rx) => rx,
+                Err(_) => return Err(Close::server(reason::SERVER_UNAVAILABLE, "state pipeline closed")),
+            };
+            self.pending.push_back(Pending {
+                rx: Some(rx),
+                result: None,
+                action: Action::Ack { packet, releases_quota: true },
+            });
+        } else {
+            self.queue_action(Action::Ack { packet, releases_quota: true });
+        }
+        Ok(())
+    }
+
+    fn ack(&mut self, pid: u16, kind: pb::AckKind) {
+        self.acks.push(pb::AckEntry {
+            client_id: self.client_id.to_string(),
+            packet_id: u32::from(pid),
+            kind: kind as i32,
+        });
+    }
+
+    /// Hands this wake-up's subscriber acks to the batching task (not waiting for State).
+    async fn flush_acks(&mut self) {
+        if self.acks.is_empty() {
+            return;
+        }
+        let acks = std::mem::take(&mut self.acks);
+        let _ = self.inner.acks.send(AckMsg::Entries(acks)).await;
+    }
+
+    // ------------------------------------------------------------ SUBSCRIBE
+
+    async fn on_subscribe(&mut self, s: Subscribe) -> Step {
+        let v5 = self.version.is_v5();
+        let mut codes = Vec::with_capacity(s.filters.len());
+        let mut state_subs = Vec::new();
+        let mut retained = Vec::new();
+        for (filter, opts) in s.filters {
+            if !topic::valid_topic_filter(&filter) {
+                codes.push(if v5 { reason::TOPIC_FILTER_INVALID } else { 0x80 });
+                continue;
+            }
+            let shared = split_shared(&filter).is_some();
+            if shared && opts.no_local {
+                return Err(Close::server(reason::PROTOCOL_ERROR, "no local on a shared subscription"));
+            }
+            if !self.inner.auth.can_subscribe(&self.client_id, self.username.as_deref(), &filter) {
+                codes.push(if v5 { reason::NOT_AUTHORIZED } else { 0x80 });
+                continue;
+            }
+            let value = SubValue { opts, sub_id: s.subscription_identifier, mailbox: self.mailbox.clone() };
+            let existed = self.inner.router.write().subscribe(&self.client_id, &filter, value);
+            if !existed {
+                Metrics::inc(&self.inner.metrics.subscriptions);
+            }
+            self.mailbox.add_filter(&filter);
+            codes.push(opts.qos as u8);
+            let state_idx = if self.managed {
+                state_subs.push(pb::Subscription {
+                    filter: filter.clone(),
+                    qos: opts.qos as u32,
+                    no_local: opts.no_local,
+                    retain_as_published: opts.retain_as_published,
+                    retain_handling: opts.retain_handling as u32,
+                    subscription_id: s.subscription_identifier.unwrap_or(0),
+                });
+                Some(state_subs.len() - 1)
+            } else {
+                None
+            };
+            if !shared && opts.retain_handling != RetainHandling::DoNotSend {
+                retained.push(RetainReq {
+                    filter,
+                    opts,
+                    sub_id: s.subscription_identifier,
+                    state_idx,
+                    existed,
+                });
+            }
+        }
+        let ack = SubAck { packet_id: s.packet_id, reason_codes: codes, ..Default::default() };
+        if state_subs.is_empty() {
+            self.queue_action(Action::SubAck { ack, retained });
+            return Ok(());
+        }
+        let cmd = pb::Command {
+            cmd: Some(pb::command::Cmd::Subscribe(pb::Subscribe {
+                client_id: self.client_id.to_string(),
+                subscriptions: state_subs,
+            })),
+        };
+        let rx = match self.inner.pipeline.submit(cmd).await {
+            Ok(rx) => rx,
+            Err(_) => return Err(Close::server(reason::SERVER_UNAVAILABLE, "state pipeline closed")),
+        };
+        self.pending.push_back(Pending {
+            rx: Some(rx),
+            result: None,
+            action: Action::SubAck { ack, retained },
+        });
+        Ok(())
+    }
+
+    /// Retained messages for new subscriptions, per Retain Handling.
+    fn send_retained(&mut self, reqs: Vec<RetainReq>, state_existed: &[bool]) {
+        if reqs.is_empty() {
+            return;
+        }
+        let now = now_ms();
+        for r in reqs {
+            let existed = match r.state_idx {
+                Some(i) => state_existed.get(i).copied().unwrap_or(r.existed),
+                None => r.existed,
+            };
+            if r.opts.retain_handling == RetainHandling::SendIfNew && existed {
+                continue;
+            }
+            let sub_ids: Vec<u32> = r.sub_id.into_iter().collect();
+            let msgs: Vec<Message> = {
+                let st = self.inner.state.read();
+                st.retained_matching(&r.filter, now).into_iter().map(|m| message_from_pb(m, 0)).collect()
+            };
+            for m in msgs {
+                let qos = m.qos.min(r.opts.qos);
+                self.held.push_back(Delivery {
+                    msg: Arc::new(m),
+                    qos,
+                    retain: true,
+                    sub_ids: sub_ids.clone(),
+                });
+            }
+            if r.filter.starts_with('$') {
+                let sys = self.inner.sys_retained.lock().clone();
+                for m in sys.into_iter().filter(|m| topic::matches(&r.filter, &m.topic)) {
+                    self.held.push_back(Delivery {
+                        msg: m,
+                        qos: QoS::AtMostOnce,
+                        retain: true,
+                        sub_ids: sub_ids.clone(),
+                    });
+                }
+            }
+        }
+        self.pump_out();
+    }
+
+    async fn on_unsubscribe(&mut self, u: Unsubscribe) -> Step {
+        let mut codes = Vec::with_capacity(u.filters.len());
+        for f in &u.filters {
+            let existed = self.inner.router.write().unsubscribe(&self.client_id, f);
+            if existed {
+                Metrics::dec(&self.inner.metrics.subscriptions);
+            }
+            self.mailbox.remove_filter(f);
+            codes.push(if existed { reason::SUCCESS } else { reason::NO_SUBSCRIPTION_EXISTED });
+        }
+        let ack = UnsubAck { packet_id: u.packet_id, reason_codes: codes, ..Default::default() };
+        if !self.managed {
+            self.queue_action(Action::UnsubAck(ack));
+            return Ok(());
+        }
+        let cmd = pb::Command {
+            cmd: Some(pb::command::Cmd::Unsubscribe(pb::Unsubscribe {
+                client_id: self.client_id.to_string(),
+                filters: u.filters,
+            })),
+        };
+        let rx = match self.inner.pipeline.submit(cmd).await {
+            Ok(rx) => rx,
+            Err(_) => return Err(Close::server(reason::SERVER_UNAVAILABLE, "state pipeline closed")),
+        };
+        self.pending.push_back(Pending { rx: Some(rx), result: None, action: Action::UnsubAck(ack) });
+        Ok(())
+    }
+
+    // ------------------------------------------------------------ PUBLISH out
+
+    fn on_mailbox(&mut self, flags: u8) -> Step {
+        if flags & flag::SHUTDOWN != 0 {
+            return Err(Close::server(reason::SERVER_SHUTTING_DOWN, "server shutting down"));
+        }
+        if flags & flag::TAKEOVER != 0 {
+            return Err(Close::server(reason::SESSION_TAKEN_OVER, "session taken over"));
+        }
+        if flags & flag::KEEPALIVE != 0 {
+            let limit = self.mailbox.keepalive_limit_ms.load(Ordering::Relaxed);
+            let last = self.mailbox.last_rx_ms.load(Ordering::Relaxed);
+            if limit > 0 && self.inner.now_coarse().saturating_sub(last) > limit {
+                return Err(Close::server(reason::KEEP_ALIVE_TIMEOUT, "keep alive timeout"));
+            }
+        }
+        if flags & flag::STATE != 0 {
+            self.scan_state();
+        }
+        self.pump_out();
+        Ok(())
+    }
+
+    fn window(&self) -> usize {
+        usize::from(self.client_receive_max.min(self.inner.config.max_inflight.max(1)))
+    }
+
+    fn inflight_count(&self) -> usize {
+        self.out_inflight.len() + self.state_sent.values().filter(|s| !matches!(s, Sent::Done { .. })).count()
+    }
+
+    /// Sends fast-path deliveries while the window and the socket allow.
+    fn pump_out(&mut self) {
+        loop {
+            if self.held.is_empty() {
+                self.mailbox.drain(&mut self.held, DRAIN);
+                if self.held.is_empty() {
+                    return;
+                }
+            }
+            let mut room = self.window().saturating_sub(self.out_inflight.len());
+            while let Some(d) = self.held.front() {
+                if d.qos != QoS::AtMostOnce {
+                    if room == 0 {
+                        return;
+                    }
+                    room -= 1;
+                }
+                let Some(d) = self.held.pop_front() else { break };
+                self.send_delivery(d);
+            }
+            if self.io.wbuf.len() >= WRITE_HIGH {
+                return;
+            }
+        }
+    }
+
+    fn send_delivery(&mut self, d: Delivery) {
+        let expiry = if d.msg.expires_at_ms == 0 {
+            None
+        } else {
+            match d.msg.remaining_expiry(now_ms()) {
+                Ok(e) => e,
+                Err(()) => {
+                    Metrics::inc(&self.inner.metrics.messages_expired);
+                    return;
+                }
+            }
+        };
+        let pid = if d.qos == QoS::AtMostOnce { None } else { self.alloc_pid() };
+        if d.qos != QoS::AtMostOnce && pid.is_none() {
+            return;
+        }
+        let v5 = self.version.is_v5();
+        let pkt = Packet::Publish(Publish {
+            dup: false,
+            qos: d.qos,
+            retain: d.retain,
+            topic: d.msg.topic.clone(),
+            packet_id: pid,
+            properties: if v5 {
+                PublishProperties {
+                    message_expiry_interval: expiry,
+                    subscription_identifiers: d.sub_ids,
+                    ..d.msg.props.clone()
+                }
+            } else {
+                PublishProperties::default()
+            },
+            payload: d.msg.payload.clone(),
+        });
+        if !self.fits(&pkt) {
+            return;
+        }
+        self.send(&pkt);
+        Metrics::inc(&self.inner.metrics.publish_sent);
+        if let Some(pid) = pid {
+            self.out_inflight.insert(pid, OutFlight { qos: d.qos, released: false });
+        }
+    }
+
+    /// MQTT 5 3.1.2.11.4: a packet over the client's Maximum Packet Size is dropped.
+    fn fits(&self, pkt: &Packet) -> bool {
+        if self.client_max_packet == u32::MAX {
+            return true;
+        }
+        let ok = protocol::encoded_len(pkt, self.version) <= self.client_max_packet as usize;
+        if !ok {
+            Metrics::inc(&self.inner.metrics.messages_dropped_too_large);
+        }
+        ok
+    }
+
+    fn alloc_pid(&mut self) -> Option<u16> {
+        // Ids in use in State's window are off limits too (managed sessions).
+        let state_ids: HashSet<u16> = if self.managed {
+            match self.inner.state.read().session(&self.client_id) {
+                Some(s) => s.inflight().map(|e| e.packet_id).collect(),
+                None => HashSet::new(),
+            }
+        } else {
+            HashSet::new()
+        };
+        for _ in 0..u16::MAX {
+            let pid = self.next_pid;
+            self.next_pid = if pid == u16::MAX { 1 } else { pid + 1 };
+            if !self.out_inflight.contains_key(&pid)
+                && !self.state_sent.contains_key(&pid)
+                && !state_ids.contains(&pid)
+            {
+                return Some(pid);
+            }
+        }
+        None
+    }
+
+    /// Sends State's in-flight messages of this session not yet sent on this
+    /// connection (PUBLISH, or PUBREL for those waiting for PUBCOMP).
+    fn scan_state(&mut self) {
+        let inner = self.inner.clone();
+        let st = inner.state.read();
+        let Some(sess) = st.session(&self.client_id) else {
+            self.state_sent.clear();
+            return;
+        };
+        let dup = self.resume_dup;
+        self.resume_dup = false;
+        let mut present: HashSet<u16> = HashSet::with_capacity(sess.inflight_len());
+        let mut budget = usize::from(self.client_receive_max).saturating_sub(self.inflight_count());
+        let now = now_ms();
+        for e in sess.inflight() {
+            let pid = e.packet_id;
+            let msg_key = Arc::as_ptr(&e.delivery.message) as usize;
+            present.insert(pid);
+            match self.state_sent.get(&pid) {
+                Some(s) if s.msg() == msg_key => continue,
+                _ => {}
+            }
+            if self.out_inflight.contains_key(&pid) {
+                // A fast-path message still uses this id; send once it is acknowledged.
+                continue;
+            }
+            if e.awaiting_pubcomp {
+                self.io.send(&Packet::PubRel(PubResp::new(pid)), &inner.metrics);
+                self.state_sent.insert(pid, Sent::Released { msg: msg_key });
+                continue;
+            }
+            if budget == 0 && !dup {
+                continue;
+            }
+            budget = budget.saturating_sub(1);
+            let m = &e.delivery.message;
+            let expiry = if m.expires_at_ms == 0 {
+                None
+            } else if m.expires_at_ms <= now {
+                // Expired in flight: drop it as if acknowledged.
+                Metrics::inc(&inner.metrics.messages_expired);
+                self.state_sent.insert(pid, Sent::Done { msg: msg_key });
+                let kind = if e.delivery.qos == 2 { pb::AckKind::Pubcomp } else { pb::AckKind::Puback };
+                self.acks.push(pb::AckEntry {
+                    client_id: self.client_id.to_string(),
+                    packet_id: u32::from(pid),
+                    kind: kind as i32,
+                });
+                continue;
+            } else {
+                Some(u32::try_from((m.expires_at_ms - now).div_ceil(1000)).unwrap_or(u32::MAX))
+            };
+            let base = message_from_pb(m, 0);
+            let v5 = self.version.is_v5();
+            let pkt = Packet::Publish(Publish {
+                dup,
+                qos: QoS::from_u8(e.delivery.qos).unwrap_or(QoS::AtLeastOnce),
+                retain: e.delivery.retain,
+                topic: base.topic,
+                packet_id: Some(pid),
+                properties: if v5 {
+                    PublishProperties {
+                        message_expiry_interval: expiry,
+                        subscription_identifiers: e.delivery.subscription_ids.clone(),
+                        ..base.props
+                    }
+                } else {
+                    PublishProperties::default()
+                },
+                payload: base.payload,
+            });
+            if !self.fits(&pkt) {
+                // Too large for this client: acknowledge it ourselves so the window moves on.
+                self.state_sent.insert(pid, Sent::Done { msg: msg_key });
+                let kind = if e.delivery.qos == 2 { pb::AckKind::Pubcomp } else { pb::AckKind::Puback };
+                self.acks.push(pb::AckEntry {
+                    client_id: self.client_id.to_string(),
+                    packet_id: u32::from(pid),
+                    kind: kind as i32,
+                });
+                continue;
+            }
+            self.io.send(&pkt, &inner.metrics);
+            Metrics::inc(&inner.metrics.publish_sent);
+            self.state_sent.insert(pid, Sent::Publish { msg: msg_key });
+        }
+        self.state_sent.retain(|pid, _| present.contains(pid));
+    }
+
+    // ------------------------------------------------------------ the end
+
+    async fn finish(mut self: Box<Self>, close: Close) {
+        let metrics = self.inner.metrics.clone();
+        if let Close::Server { reason, text } = close {
+            tracing::debug!(client_id = %self.client_id, reason, text, "server closes connection");
+            if self.version.is_v5() && reason >= 0x80 {
+                self.send(&Packet::Disconnect(Disconnect::with_reason(reason, text)));
+            }
+        }
+        if !self.io.wbuf.is_empty() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.io.write_out(&metrics)).await;
+        }
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            tokio::io::AsyncWriteExt::shutdown(&mut self.io.stream),
+        )
+        .await;
+        let publish_will = !matches!(close, Close::Client { will: false });
+
+        // Proposals still in flight are applied anyway; their fast-path copies still go out.
+        while let Some(p) = self.pending.pop_front() {
+            let reply = match p.rx {
+                Some(rx) => rx.await.ok(),
+                None => p.result.and_then(|r| r.ok()),
+            };
+            if let Action::Publish { msg, targets, .. } = p.action {
+                if !matches!(reply, Some(Err(_))) {
+                    self.inner.deliver(&msg, targets, false);
+                }
+            }
+        }
+
+        if self.managed {
+            self.flush_acks().await;
+            let (tx, rx) = oneshot::channel();
+            if self.inner.acks.send(AckMsg::Flush(tx)).await.is_ok() {
+                let _ = rx.await;
+            }
+            let close_cmd = pb::SessionClose {
+                client_id: self.client_id.to_string(),
+                session_expiry_s: Some(self.session_expiry),
+                publish_will,
+                connection_id: self.conn_id,
+            };
+            let r: Result<Applied, _> = self
+                .inner
+                .pipeline
+                .propose(pb::Command { cmd: Some(pb::command::Cmd::SessionClose(close_cmd)) })
+                .await;
+            if let Err(e) = r {
+                tracing::warn!(client_id = %self.client_id, error = %e, "session close failed");
+            }
+        } else if publish_will {
+            if let Some(w) = self.will.take() {
+                // A non-persistent session ends with its connection, so the will
+                // is due now whatever its delay (MQTT 5 3.1.3.2.2: delay or session end).
+                let msg = will_message(&w, now_ms());
+                self.inner.publish_internal(msg, false, true);
+            }
+        }
+
+        let session_ended = !self.managed || self.session_expiry == 0;
+        let waiting = self.mailbox.detach(self.conn_id);
+        if session_ended {
+            self.inner.drop_subscriptions(&self.mailbox);
+            if self.managed {
+                Metrics::dec(&metrics.sessions_persistent);
+            }
+            self.mailbox.set_managed(false);
+            if !waiting {
+                let mut reg = self.inner.registry.lock();
+                if reg.get(&self.client_id).is_some_and(|m| Arc::ptr_eq(m, &self.mailbox))
+                    && self.mailbox.attached() == 0
+                {
+                    reg.remove(&self.client_id);
+                }
+            }
+        }
+        Metrics::dec(&metrics.clients_connected);
+    }
+}

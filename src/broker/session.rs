@@ -1,0 +1,337 @@
+//! Per-client session handles shared between the router and the connection task.
+//!
+//! A [`Mailbox`] is what the router holds for every subscription: the bounded
+//! fast-path outbox of the client plus a few control flags (takeover, keep-alive
+//! timeout, shutdown, "State has new in-flight messages for you"). It lives as
+//! long as the session: one connection for a non-persistent session, across
+//! connections for a persistent one. It owns no protocol logic; the connection
+//! task (connection.rs) drains it.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::sync::oneshot;
+
+use crate::protocol::{PublishProperties, QoS};
+
+/// One application message as routed by the broker: shared by every
+/// subscriber (`Arc`), its payload never copied.
+#[derive(Debug)]
+pub(crate) struct Message {
+    pub topic: String,
+    pub payload: Bytes,
+    pub qos: QoS,
+    /// The retain flag of the PUBLISH as received.
+    pub retain: bool,
+    /// Properties passed through unchanged; never carries a topic alias,
+    /// subscription identifiers or a message expiry (see `expires_at_ms`).
+    pub props: PublishProperties,
+    /// Wall-clock milliseconds when the message expires; 0 = never.
+    pub expires_at_ms: u64,
+    /// Identity of the publishing session (a `Mailbox` address) for No Local; 0 = the broker.
+    pub publisher: usize,
+}
+
+impl Message {
+    /// Remaining message expiry interval in seconds (rounded up) for a delivery at `now_ms`;
+    /// `Err(())` when already expired.
+    pub fn remaining_expiry(&self, now_ms: u64) -> Result<Option<u32>, ()> {
+        if self.expires_at_ms == 0 {
+            return Ok(None);
+        }
+        if self.expires_at_ms <= now_ms {
+            return Err(());
+        }
+        let left = self.expires_at_ms - now_ms;
+        Ok(Some(u32::try_from(left.div_ceil(1000)).unwrap_or(u32::MAX)))
+    }
+}
+
+/// One copy of a message for one client on the fast path.
+#[derive(Debug)]
+pub(crate) struct Delivery {
+    pub msg: Arc<Message>,
+    /// Effective QoS (min of message and subscription).
+    pub qos: QoS,
+    /// Retain flag as sent to this client.
+    pub retain: bool,
+    pub sub_ids: Vec<u32>,
+}
+
+/// Control flags a connection task must act on.
+pub(crate) mod flag {
+    pub const TAKEOVER: u8 = 1;
+    pub const KEEPALIVE: u8 = 2;
+    pub const SHUTDOWN: u8 = 4;
+    /// State holds new in-flight messages for this session.
+    pub const STATE: u8 = 8;
+}
+
+/// Result of offering a delivery to a mailbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Push {
+    Queued,
+    /// The outbox is at capacity: the delivery was dropped (slow consumer).
+    Full,
+    /// No connection is attached: the delivery was dropped.
+    Offline,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// Connection currently attached; 0 = none (offline session).
+    conn_id: u64,
+    items: VecDeque<Delivery>,
+    flags: u8,
+    waker: Option<Waker>,
+    /// Connections waiting for the attached one to finish (session takeover).
+    closers: Vec<oneshot::Sender<()>>,
+    /// Every filter this session subscribes (as sent, `$share/...` included),
+    /// so the router can be cleaned when the session ends.
+    filters: Vec<String>,
+}
+
+/// The handle of one session (see the module docs).
+#[derive(Debug)]
+pub(crate) struct Mailbox {
+    pub client_id: Arc<str>,
+    /// The session lives in State (persistent, or resumed from State).
+    managed: AtomicBool,
+    online: AtomicBool,
+    /// Coarse broker time (ms) of the last packet received, and the keep-alive
+    /// limit in ms (1.5 x keep alive; 0 = none). Read by the keep-alive sweeper.
+    pub last_rx_ms: AtomicU64,
+    pub keepalive_limit_ms: AtomicU64,
+    inner: Mutex<Inner>,
+}
+
+impl Mailbox {
+    pub fn new(client_id: Arc<str>) -> Mailbox {
+        Mailbox {
+            client_id,
+            managed: AtomicBool::new(false),
+            online: AtomicBool::new(false),
+            last_rx_ms: AtomicU64::new(0),
+            keepalive_limit_ms: AtomicU64::new(0),
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    /// Address used as the session identity (No Local).
+    pub fn id(self: &Arc<Self>) -> usize {
+        Arc::as_ptr(self) as usize
+    }
+
+    pub fn is_managed(&self) -> bool {
+        self.managed.load(Ordering::Relaxed)
+    }
+
+    pub fn set_managed(&self, v: bool) {
+        self.managed.store(v, Ordering::Relaxed);
+    }
+
+    pub fn is_online(&self) -> bool {
+        self.online.load(Ordering::Relaxed)
+    }
+
+    /// Offers a fast-path delivery; never blocks.
+    pub fn push(&self, d: Delivery, capacity: usize) -> Push {
+        let waker = {
+            let mut g = self.inner.lock();
+            if g.conn_id == 0 {
+                return Push::Offline;
+            }
+            if g.items.len() >= capacity {
+                return Push::Full;
+            }
+            g.items.push_back(d);
+            g.waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+        Push::Queued
+    }
+
+    /// Sets control flags and wakes the attached connection (if any).
+    pub fn signal(&self, f: u8) {
+        let waker = {
+            let mut g = self.inner.lock();
+            if g.conn_id == 0 {
+                return;
+            }
+            g.flags |= f;
+            g.waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    /// Polled by the connection: returns the pending flags (cleared) when there
+    /// is something to do (queued deliveries count only if `want_items`),
+    /// registering the waker otherwise.
+    pub fn poll_ready(&self, cx: &mut Context<'_>, want_items: bool) -> Poll<u8> {
+        let mut g = self.inner.lock();
+        if g.flags != 0 || (want_items && !g.items.is_empty()) {
+            let f = g.flags;
+            g.flags = 0;
+            return Poll::Ready(f);
+        }
+        match &g.waker {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => g.waker = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+
+    /// Takes up to `max` queued deliveries (FIFO) into `out`.
+    pub fn drain(&self, out: &mut VecDeque<Delivery>, max: usize) {
+        let mut g = self.inner.lock();
+        let n = g.items.len().min(max);
+        out.extend(g.items.drain(..n));
+        if g.items.is_empty() && g.items.capacity() > 64 {
+            // An idle connection keeps no large buffer.
+            g.items = VecDeque::new();
+        }
+    }
+
+    /// Attaches connection `conn_id`. If another connection is attached, it is
+    /// told to go (takeover) and a receiver is returned that fires when it has
+    /// finished; the caller waits for it and calls `attach` again.
+    pub fn attach(&self, conn_id: u64) -> Result<(), oneshot::Receiver<()>> {
+        let waker;
+        let rx;
+        {
+            let mut g = self.inner.lock();
+            if g.conn_id == 0 || g.conn_id == conn_id {
+                g.conn_id = conn_id;
+                g.flags = 0;
+                g.items.clear();
+                self.online.store(true, Ordering::Relaxed);
+                return Ok(());
+            }
+            let (tx, r) = oneshot::channel();
+            g.closers.push(tx);
+            g.flags |= flag::TAKEOVER;
+            waker = g.waker.take();
+            rx = r;
+        }
+        if let Some(w) = waker {
+            w.wake();
+        }
+        Err(rx)
+    }
+
+    /// Detaches `conn_id` (if still attached) and releases connections waiting on it.
+    /// Returns true when someone is waiting to take the session over.
+    pub fn detach(&self, conn_id: u64) -> bool {
+        let mut g = self.inner.lock();
+        if g.conn_id != conn_id {
+            return false;
+        }
+        g.conn_id = 0;
+        g.items = VecDeque::new();
+        g.flags = 0;
+        g.waker = None;
+        self.online.store(false, Ordering::Relaxed);
+        let waiting = !g.closers.is_empty();
+        for c in g.closers.drain(..) {
+            let _ = c.send(());
+        }
+        waiting
+    }
+
+    pub fn attached(&self) -> u64 {
+        self.inner.lock().conn_id
+    }
+
+    pub fn add_filter(&self, f: &str) {
+        let mut g = self.inner.lock();
+        if !g.filters.iter().any(|x| x == f) {
+            g.filters.push(f.to_owned());
+        }
+    }
+
+    pub fn remove_filter(&self, f: &str) {
+        self.inner.lock().filters.retain(|x| x != f);
+    }
+
+    pub fn take_filters(&self) -> Vec<String> {
+        std::mem::take(&mut self.inner.lock().filters)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg() -> Arc<Message> {
+        Arc::new(Message {
+            topic: "a".into(),
+            payload: Bytes::from_static(b"x"),
+            qos: QoS::AtMostOnce,
+            retain: false,
+            props: PublishProperties::default(),
+            expires_at_ms: 0,
+            publisher: 0,
+        })
+    }
+
+    fn d() -> Delivery {
+        Delivery { msg: msg(), qos: QoS::AtMostOnce, retain: false, sub_ids: Vec::new() }
+    }
+
+    #[test]
+    fn offline_and_full_mailboxes_drop() {
+        let m = Mailbox::new("c".into());
+        assert_eq!(m.push(d(), 2), Push::Offline);
+        assert!(m.attach(7).is_ok());
+        assert_eq!(m.push(d(), 2), Push::Queued);
+        assert_eq!(m.push(d(), 2), Push::Queued);
+        assert_eq!(m.push(d(), 2), Push::Full);
+        let mut out = VecDeque::new();
+        m.drain(&mut out, 10);
+        assert_eq!(out.len(), 2);
+    }
+
+    #[test]
+    fn takeover_waits_for_detach() {
+        let m = Mailbox::new("c".into());
+        assert!(m.attach(1).is_ok());
+        let mut rx = match m.attach(2) {
+            Err(rx) => rx,
+            Ok(()) => panic!("second attach must wait"),
+        };
+        assert!(rx.try_recv().is_err());
+        assert!(m.detach(1));
+        assert!(rx.try_recv().is_ok());
+        assert!(m.attach(2).is_ok());
+        assert_eq!(m.attached(), 2);
+        // A stale detach of the old connection does nothing.
+        assert!(!m.detach(1));
+        assert_eq!(m.attached(), 2);
+    }
+
+    #[test]
+    fn expiry_rounds_up_and_detects_expired() {
+        let mut m = Message {
+            topic: "a".into(),
+            payload: Bytes::new(),
+            qos: QoS::AtMostOnce,
+            retain: false,
+            props: PublishProperties::default(),
+            expires_at_ms: 10_500,
+            publisher: 0,
+        };
+        assert_eq!(m.remaining_expiry(10_000), Ok(Some(1)));
+        assert_eq!(m.remaining_expiry(8_000), Ok(Some(3)));
+        assert_eq!(m.remaining_expiry(10_500), Err(()));
+        m.expires_at_ms = 0;
+        assert_eq!(m.remaining_expiry(u64::MAX), Ok(None));
+    }
+}
