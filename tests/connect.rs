@@ -589,3 +589,82 @@ async fn request_response_round_trip() {
     assert_eq!(resp.payload, b"pong");
     assert_eq!(resp.props.bin_of(CORRELATION_DATA), Some(&b"corr-1"[..]));
 }
+
+// ------------------------------------------------------------ invalid CONNECT packets
+
+#[tokio::test]
+async fn invalid_connect_packets_refused() {
+    let mut b = Broker::start().await;
+    let mut failures = Vec::new();
+    for v5 in [false, true] {
+        let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
+        let mut reserved = Conn::version(v5, "rsv").encode();
+        // Connect flags are at offset 9 (fixed header 2 bytes, "MQTT" 6, level 1).
+        reserved[9] |= 0x01;
+        cases.push(("reserved connect flag set", reserved));
+        let mut will_qos3 = Conn::version(v5, "wq3").will(Will::new("w/t", b"x")).encode();
+        will_qos3[9] |= 0x18;
+        cases.push(("will QoS 3", will_qos3));
+        let mut will_retain_no_will = Conn::version(v5, "wr").encode();
+        will_retain_no_will[9] |= 0x20;
+        cases.push(("will retain without will flag", will_retain_no_will));
+        let mut pw_no_user = Conn::version(v5, "pnu").encode();
+        if !v5 {
+            // 3.1.1: password flag without user name flag is malformed (MQTT-3.1.2-22).
+            pw_no_user[9] |= 0x40;
+            pw_no_user.extend_from_slice(&[0x00, 0x01, b'p']);
+            pw_no_user[1] += 3;
+            cases.push(("password without user name (3.1.1)", pw_no_user));
+        }
+        if v5 {
+            cases.push(("Receive Maximum 0", Conn::v5("rm0").prop(Prop::U16(RECEIVE_MAXIMUM, 0)).encode()));
+            cases.push((
+                "Maximum Packet Size 0",
+                Conn::v5("mps0").prop(Prop::U32(MAXIMUM_PACKET_SIZE, 0)).encode(),
+            ));
+            cases.push(("Session Expiry Interval twice", Conn::v5("se2").expiry(1).expiry(2).encode()));
+            cases.push((
+                "Request Problem Information 2",
+                Conn::v5("rpi2").prop(Prop::Byte(REQUEST_PROBLEM_INFO, 2)).encode(),
+            ));
+        }
+        for (name, bytes) in cases {
+            let mut c = RawClient::tcp(b.addr).await;
+            c.v5 = v5;
+            c.send(&bytes).await;
+            match c.closed_within(common::DEADLINE).await {
+                None => failures.push(format!("v5={v5} {name}: connection left open")),
+                Some(got) => match got.as_slice() {
+                    [] => {}
+                    [Pkt::ConnAck { code, .. }] if v5 && (*code == 0x81 || *code == 0x82) => {}
+                    [Pkt::ConnAck { code, .. }] if !v5 && *code != 0 => {}
+                    other => failures.push(format!(
+                        "v5={v5} {name}: expected close (v5: CONNACK 0x81/0x82), got {other:?}"
+                    )),
+                },
+            }
+            assert!(b.alive(), "broker died on {name}");
+        }
+    }
+    RawClient::connect_ok(b.addr, &Conn::v5("after-invalid")).await;
+    assert!(failures.is_empty(), "{} case(s) wrong:\n{}", failures.len(), failures.join("\n"));
+}
+
+// ------------------------------------------------------------ server shutdown
+
+#[tokio::test]
+async fn shutdown_sends_server_shutting_down() {
+    let mut b = Broker::start().await;
+    let (mut c5, _) = RawClient::connect_ok(b.addr, &Conn::v5("sd5")).await;
+    let (mut c3, _) = RawClient::connect_ok(b.addr, &Conn::v3("sd3")).await;
+    b.terminate();
+    let got = c5.expect_closed(Duration::from_secs(10)).await;
+    assert!(
+        matches!(got.as_slice(), [Pkt::Disconnect { code: 0x8B, .. }]),
+        "v5 client: expected DISCONNECT 0x8B (server shutting down), got {got:?}"
+    );
+    let got = c3.expect_closed(Duration::from_secs(10)).await;
+    assert!(got.is_empty(), "{got:?}");
+    let status = b.wait_exit(Duration::from_secs(10)).await;
+    assert!(status.is_some(), "broker did not exit within 10 s of SIGTERM");
+}

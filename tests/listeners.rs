@@ -282,3 +282,14 @@ async fn websocket_wrong_path_refused() {
     assert!(ws_connect(port, "/other").await.is_err(), "handshake on a wrong path must fail");
     assert!(ws_connect(port, "/mqtt").await.is_ok());
 }
+
+// ------------------------------------------------------------ admin HTTP of the real binary
+
+#[tokio::test]
+async fn admin_health_and_metrics() {
+    let b = Broker::start().await;
+    for path in ["/health/live", "/health/ready", "/metrics"] {
+        let r = common::http_get(b.admin, path).await;
+        assert!(matches!(r, Some((200, _))), "{path}: {r:?}");
+    }
+}

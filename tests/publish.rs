@@ -413,3 +413,16 @@ async fn message_expiry_offline_queue() {
     assert_eq!(m2.payload, b"forever");
     assert!(m2.props.find(MESSAGE_EXPIRY).is_none());
 }
+
+#[tokio::test]
+async fn retain_not_available() {
+    let b = Broker::start_with(BrokerCfg::new().mqtt("retain_available = false")).await;
+    let (mut c, ack) = RawClient::connect(b.addr, &Conn::v5("noretain")).await;
+    assert_eq!(connack_props(&ack).u8_of(RETAIN_AVAILABLE), Some(0), "CONNACK Retain Available = 0");
+    c.publish(&Pub::new("nr/t", b"x", 0).retain(true)).await;
+    let got = c.expect_closed(common::DEADLINE).await;
+    assert!(
+        matches!(got.as_slice(), [Pkt::Disconnect { code: 0x9A, .. }]),
+        "expected DISCONNECT 0x9A (retain not supported), got {got:?}"
+    );
+}

@@ -163,6 +163,7 @@ impl Broker {
                 .arg("--config")
                 .arg(&cfg_path)
                 .env("RUST_LOG", std::env::var("RAFTMQ_TEST_LOG").unwrap_or_else(|_| "info".into()))
+                .env("NO_COLOR", "1")
                 .stdin(Stdio::null())
                 .stdout(log_file)
                 .stderr(log_err)
@@ -226,6 +227,29 @@ impl Broker {
 
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
+    }
+
+    /// Sends SIGTERM (graceful shutdown).
+    pub fn terminate(&self) {
+        if let Some(c) = self.child.as_ref() {
+            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+        }
+    }
+
+    /// Waits for the process to exit; its status, or None at the deadline.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(s)) = c.try_wait() {
+                    return Some(s);
+                }
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// True while the process runs (it must never die on bad input).
