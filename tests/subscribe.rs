@@ -178,10 +178,17 @@ async fn retain_as_published() {
     assert!(rap.expect_pub().await.retain, "Retain As Published keeps the flag");
     assert!(!norap.expect_pub().await.retain, "live delivery clears the retain flag");
     assert!(!v3.expect_pub().await.retain, "3.1.1 live delivery clears the retain flag");
-    // Retained delivery on subscribe always has the flag.
-    let (mut late, _) = RawClient::connect_ok(b.addr, &Conn::v3("rap-late")).await;
-    late.sub("rap/t", 0).await;
-    let m = late.expect_pub().await;
+    // Retained delivery on subscribe always has the flag. The publish was QoS 0
+    // (no acknowledgement to order against): poll until it is stored.
+    let m = common::wait_for("retained message stored", common::DEADLINE, || async {
+        let (mut late, _) = RawClient::connect_ok(b.addr, &Conn::v3("rap-late")).await;
+        late.sub("rap/t", 0).await;
+        match late.recv(Duration::from_millis(300)).await {
+            Recv::Packet(Pkt::Publish(m)) => Some(m),
+            _ => None,
+        }
+    })
+    .await;
     assert!(m.retain);
     assert_eq!(m.payload, b"r");
 }
@@ -416,8 +423,14 @@ async fn retained_lifecycle(v5: bool) {
     assert!(got[0].retain);
     assert_eq!(got[0].qos, 1);
     // Replace.
+    // QoS 0 has no acknowledgement to order a later subscriber after: poll until
+    // the replacement is visible (it must be, within the deadline).
     p.publish_acked(&Pub::new("ret/t", b"two", 0).retain(true)).await;
-    let got = late_sub_get(&b, v5, "ret/t", "retm/end").await;
+    let got = common::wait_for("retained replaced by a QoS 0 publish", common::DEADLINE, || async {
+        let got = late_sub_get(&b, v5, "ret/t", "retm/end").await;
+        (got.len() == 1 && got[0].payload == b"two").then_some(got)
+    })
+    .await;
     assert_eq!(got.iter().map(|m| m.payload.clone()).collect::<Vec<_>>(), vec![b"two".to_vec()]);
     assert_eq!(got[0].qos, 0, "QoS of the retained message is the one it was published with");
     // A non-retained publish does not replace it.
@@ -475,4 +488,16 @@ async fn retained_message_expiry() {
     assert_eq!(payloads, vec![b"long".to_vec()], "expired retained message delivered");
     let left = got[0].props.u32_of(MESSAGE_EXPIRY).expect("remaining expiry on a retained message");
     assert!(left < 100, "remaining expiry {left}");
+}
+
+#[tokio::test]
+async fn subscription_identifier_on_retained_delivery() {
+    let b = Broker::start().await;
+    let (mut p, _) = RawClient::connect_ok(b.addr, &Conn::v5("sidr-pub")).await;
+    p.publish_acked(&Pub::new("sidr/t", b"kept", 1).pid(1).retain(true)).await;
+    let (mut c, _) = RawClient::connect_ok(b.addr, &Conn::v5("sidr")).await;
+    c.subscribe(1, &[("sidr/#", 1)], &[Prop::VarInt(SUBSCRIPTION_ID, 42)]).await;
+    let m = c.recv_pub_auto().await;
+    assert!(m.retain);
+    assert_eq!(m.props.sub_ids(), vec![42], "retained delivery carries the subscription identifier");
 }
