@@ -858,10 +858,15 @@ impl RawClient {
         }
     }
 
+    /// Sends a normal DISCONNECT and waits until the server closes the socket, so
+    /// the broker has handled it (session offline) before the test goes on.
     pub async fn disconnect(mut self) {
         let b = if self.v5 { disconnect(Some(0), &[]) } else { disconnect(None, &[]) };
         let _ = self.stream.write_all(&b).await;
-        let _ = self.stream.shutdown().await;
+        match self.closed_within(WAIT).await {
+            Some(_) => {}
+            None => panic!("server did not close the connection after DISCONNECT"),
+        }
     }
 }
 
