@@ -202,6 +202,8 @@ fn connect(v: ProtocolVersion) -> impl Strategy<Value = Packet> {
         move |(clean_start, keep_alive, client_id, will, username, password, properties)| {
             // 3.1.1: a password needs a user name.
             let password = if v5 || username.is_some() { password } else { None };
+            // 3.1.1: an empty client id needs clean session.
+            let clean_start = clean_start || (!v5 && client_id.is_empty());
             Packet::Connect(Connect {
                 protocol: ProtocolVersionOrDefault(v),
                 clean_start,
@@ -346,8 +348,13 @@ fn subscribe(v: ProtocolVersion) -> impl Strategy<Value = Packet> {
             SubscriptionOptions { qos, ..Default::default() }
         }
     });
-    (packet_id(), vec((string(), opts), 1..4), option::of(1..=VBI_MAX), user()).prop_map(
-        move |(packet_id, filters, sid, u)| {
+    let filter = prop_oneof![string(), string().prop_map(|s| format!("$share/{s}"))];
+    (packet_id(), vec((filter, opts), 1..4), option::of(1..=VBI_MAX), user()).prop_map(
+        move |(packet_id, mut filters, sid, u)| {
+            // No Local is a protocol error on a shared subscription.
+            for (f, o) in &mut filters {
+                o.no_local &= !f.starts_with("$share/");
+            }
             Packet::Subscribe(Subscribe {
                 packet_id,
                 filters,

@@ -13,7 +13,7 @@
 //! packet), and all its state sits in one boxed struct.
 
 use std::cell::RefCell;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::future::{poll_fn, Future};
 use std::io;
 use std::net::SocketAddr;
@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::auth::{AuthDecision, AuthRequest};
 use crate::protocol::{
@@ -137,11 +137,17 @@ where
     Metrics::inc(&metrics.connections_open);
     Metrics::inc(&metrics.connections_total);
     let mut io = Io { stream, rbuf: BytesMut::new(), wbuf: BytesMut::new(), version: ProtocolVersion::V311 };
-    let first = tokio::time::timeout(CONNECT_TIMEOUT, read_connect(&inner, &mut io)).await;
-    if let Ok(Some(connect)) = first {
-        if let Some(conn) = accept(inner, io, connect, peer).await {
-            conn.run().await;
+    // The CONNECT phase is boxed: its (large) future is freed once the client
+    // is accepted, so the long-lived task stays small.
+    let conn = Box::pin(async move {
+        match tokio::time::timeout(CONNECT_TIMEOUT, read_connect(&inner, &mut io)).await {
+            Ok(Some(connect)) => accept(inner, io, connect, peer).await,
+            _ => None,
         }
+    })
+    .await;
+    if let Some(conn) = conn {
+        conn.run().await;
     }
     Metrics::dec(&metrics.connections_open);
 }
@@ -237,9 +243,16 @@ enum Action {
     UnsubAck(UnsubAck),
 }
 
+enum Stage {
+    /// The pipeline queue was full: not yet proposed (later ones wait behind it).
+    Unsent(pb::Command),
+    Waiting(oneshot::Receiver<Reply>),
+    /// Applied (or nothing to apply: `None`).
+    Done(Option<Result<Reply, oneshot::error::RecvError>>),
+}
+
 struct Pending {
-    rx: Option<oneshot::Receiver<Reply>>,
-    result: Option<Result<Reply, oneshot::error::RecvError>>,
+    stage: Stage,
     action: Action,
 }
 
@@ -258,28 +271,30 @@ struct Conn<S> {
     conn_id: u64,
     mailbox: Arc<Mailbox>,
     client_id: Arc<str>,
-    username: Option<String>,
+    username: Option<Box<str>>,
     /// The session lives in State (persistent, or resumed from State).
     managed: bool,
     /// Session Expiry Interval in force (seconds).
     session_expiry: u32,
     /// Will of a non-managed session (State keeps the will of managed ones).
-    will: Option<LastWill>,
+    will: Option<Box<LastWill>>,
     client_receive_max: u16,
     client_max_packet: u32,
     topic_alias_max: u16,
-    aliases: HashMap<u16, String>,
+    aliases: BTreeMap<u16, String>,
     /// Incoming QoS > 0 PUBLISH not yet fully acknowledged (Receive Maximum).
     in_unacked: u16,
     /// Incoming QoS 2 packet ids waiting for PUBREL.
-    in_qos2: HashSet<u16>,
+    in_qos2: BTreeSet<u16>,
     pending: VecDeque<Pending>,
+    /// Entries of `pending` in stage `Unsent`.
+    unsent: usize,
     /// Fast-path deliveries taken from the mailbox, waiting for window room.
     held: VecDeque<Delivery>,
-    out_inflight: HashMap<u16, OutFlight>,
+    out_inflight: BTreeMap<u16, OutFlight>,
     next_pid: u16,
     /// State in-flight entries sent on this connection, by packet id.
-    state_sent: HashMap<u16, Sent>,
+    state_sent: BTreeMap<u16, Sent>,
     /// The first scan after resuming a session sends with DUP.
     resume_dup: bool,
     acks: Vec<pb::AckEntry>,
@@ -469,21 +484,22 @@ where
         conn_id,
         mailbox,
         client_id: client_key,
-        username: c.username.clone(),
+        username: c.username.as_deref().map(Box::from),
         managed,
         session_expiry,
-        will: if managed { None } else { c.will },
+        will: if managed { None } else { c.will.map(Box::new) },
         client_receive_max: c.properties.receive_maximum.unwrap_or(u16::MAX).max(1),
         client_max_packet: c.properties.maximum_packet_size.unwrap_or(u32::MAX),
         topic_alias_max: cfg.topic_alias_maximum,
-        aliases: HashMap::new(),
+        aliases: BTreeMap::new(),
         in_unacked: 0,
-        in_qos2: HashSet::new(),
+        in_qos2: BTreeSet::new(),
         pending: VecDeque::new(),
+        unsent: 0,
         held: VecDeque::new(),
-        out_inflight: HashMap::new(),
+        out_inflight: BTreeMap::new(),
         next_pid: 1,
-        state_sent: HashMap::new(),
+        state_sent: BTreeMap::new(),
         resume_dup: session_present,
         acks: Vec::new(),
         io,
@@ -556,14 +572,16 @@ fn will_message(w: &LastWill, now: u64) -> Message {
 impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
     async fn run(mut self: Box<Self>) {
         let close = self.main_loop().await;
-        self.finish(close).await;
+        Box::pin(self.finish(close)).await;
     }
 
+    /// Packet handling is synchronous; the rare waits (a full pipeline or ack
+    /// queue) are boxed so the task's future stays small.
     async fn main_loop(&mut self) -> Close {
         loop {
             let ev = poll_fn(|cx| self.poll_event(cx)).await;
             let step = match ev {
-                Ev::Read => self.on_read().await,
+                Ev::Read => self.on_read(),
                 Ev::Mailbox(f) => self.on_mailbox(f),
                 Ev::Applied => self.on_applied(),
                 Ev::Closed(c) => Err(c),
@@ -571,8 +589,53 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             if let Err(c) = step {
                 return c;
             }
-            self.flush_acks().await;
+            if self.unsent > 0 {
+                if let Err(c) = Box::pin(self.submit_unsent()).await {
+                    return c;
+                }
+            }
+            if !self.acks.is_empty() {
+                let acks = AckMsg::Entries(std::mem::take(&mut self.acks));
+                if let Err(mpsc::error::TrySendError::Full(m)) = self.inner.acks.try_send(acks) {
+                    let tx = self.inner.acks.clone();
+                    let _ = Box::pin(tx.send(m)).await;
+                }
+            }
         }
+    }
+
+    /// Proposes the commands that found the pipeline full, in order.
+    async fn submit_unsent(&mut self) -> Step {
+        for p in self.pending.iter_mut() {
+            if let Stage::Unsent(_) = &p.stage {
+                let Stage::Unsent(cmd) = std::mem::replace(&mut p.stage, Stage::Done(None)) else { continue };
+                match self.inner.pipeline.submit(cmd).await {
+                    Ok(rx) => p.stage = Stage::Waiting(rx),
+                    Err(_) => return Err(Close::server(reason::SERVER_UNAVAILABLE, "state pipeline closed")),
+                }
+            }
+        }
+        self.unsent = 0;
+        Ok(())
+    }
+
+    /// Proposes `cmd`; `action` runs once it is applied, in FIFO order.
+    fn propose(&mut self, cmd: pb::Command, action: Action) -> Step {
+        let stage = if self.unsent > 0 {
+            self.unsent += 1;
+            Stage::Unsent(cmd)
+        } else {
+            match self.inner.pipeline.try_submit(cmd) {
+                Ok(rx) => Stage::Waiting(rx),
+                Err(Some(cmd)) => {
+                    self.unsent += 1;
+                    Stage::Unsent(cmd)
+                }
+                Err(None) => return Err(Close::server(reason::SERVER_UNAVAILABLE, "state pipeline closed")),
+            }
+        };
+        self.pending.push_back(Pending { stage, action });
+        Ok(())
     }
 
     fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Ev> {
@@ -583,22 +646,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         }
         let write_ok = self.io.wbuf.len() < WRITE_HIGH;
         if let Some(p) = self.pending.front_mut() {
-            match &mut p.rx {
-                None => return Poll::Ready(Ev::Applied),
-                Some(rx) => {
+            match &mut p.stage {
+                Stage::Done(_) => return Poll::Ready(Ev::Applied),
+                Stage::Waiting(rx) => {
                     if let Poll::Ready(r) = Pin::new(rx).poll(cx) {
-                        p.result = Some(r);
-                        p.rx = None;
+                        p.stage = Stage::Done(Some(r));
                         return Poll::Ready(Ev::Applied);
                     }
                 }
+                Stage::Unsent(_) => {}
             }
         }
         let want_items = write_ok && self.held.is_empty();
         if let Poll::Ready(f) = self.mailbox.poll_ready(cx, want_items) {
             return Poll::Ready(Ev::Mailbox(f));
         }
-        if write_ok {
+        if write_ok && self.unsent == 0 {
             match self.io.poll_fill(cx) {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Ev::Closed(Close::Lost)),
                 Poll::Ready(Ok(n)) => {
@@ -615,14 +678,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         self.io.send(p, &self.inner.metrics);
     }
 
-    async fn on_read(&mut self) -> Step {
+    fn on_read(&mut self) -> Step {
         self.mailbox.last_rx_ms.store(self.inner.now_coarse(), Ordering::Relaxed);
         let max = self.inner.config.max_packet_size as usize;
         loop {
             match protocol::decode(&mut self.io.rbuf, Some(self.version), max) {
                 Ok(Some(p)) => {
                     Metrics::inc(&self.inner.metrics.messages_received);
-                    self.handle(p).await?;
+                    self.handle(p)?;
                 }
                 Ok(None) => break,
                 Err(e) => {
@@ -638,9 +701,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         Ok(())
     }
 
-    async fn handle(&mut self, p: Packet) -> Step {
+    fn handle(&mut self, p: Packet) -> Step {
         match p {
-            Packet::Publish(p) => self.on_publish(p).await,
+            Packet::Publish(p) => self.on_publish(p),
             Packet::PubAck(r) => {
                 self.on_puback(r);
                 Ok(())
@@ -649,13 +712,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
                 self.on_pubrec(r);
                 Ok(())
             }
-            Packet::PubRel(r) => self.on_pubrel(r).await,
+            Packet::PubRel(r) => self.on_pubrel(r),
             Packet::PubComp(r) => {
                 self.on_pubcomp(r);
                 Ok(())
             }
-            Packet::Subscribe(s) => self.on_subscribe(s).await,
-            Packet::Unsubscribe(u) => self.on_unsubscribe(u).await,
+            Packet::Subscribe(s) => self.on_subscribe(s),
+            Packet::Unsubscribe(u) => self.on_unsubscribe(u),
             Packet::PingReq => {
                 self.send(&Packet::PingResp);
                 Ok(())
@@ -683,7 +746,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
 
     // ------------------------------------------------------------ PUBLISH in
 
-    async fn on_publish(&mut self, p: Publish) -> Step {
+    fn on_publish(&mut self, p: Publish) -> Step {
         let inner = self.inner.clone();
         let cfg = &inner.config;
         let pid = p.packet_id.unwrap_or(0);
@@ -750,15 +813,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         }
         if to_state {
             let cmd = publish_command(&msg, &self.client_id, route.shared_targets, qos2_state.then_some(pid));
-            let rx = match self.inner.pipeline.submit(cmd).await {
-                Ok(rx) => rx,
-                Err(_) => return Err(Close::server(reason::SERVER_UNAVAILABLE, "state pipeline closed")),
-            };
-            self.pending.push_back(Pending {
-                rx: Some(rx),
-                result: None,
-                action: Action::Publish { msg, targets: route.targets, ack },
-            });
+            self.propose(cmd, Action::Publish { msg, targets: route.targets, ack })?;
         } else {
             self.queue_action(Action::Publish { msg, targets: route.targets, ack });
         }
@@ -790,30 +845,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         if self.pending.is_empty() {
             self.run_action(action, None);
         } else {
-            self.pending.push_back(Pending { rx: None, result: None, action });
+            self.pending.push_back(Pending { stage: Stage::Done(None), action });
         }
     }
 
     fn on_applied(&mut self) -> Step {
         while let Some(front) = self.pending.front_mut() {
-            let result = if let Some(rx) = &mut front.rx {
-                match rx.try_recv() {
+            let result = match &mut front.stage {
+                Stage::Unsent(_) => break,
+                Stage::Waiting(rx) => match rx.try_recv() {
                     Ok(r) => Some(Ok(r)),
                     Err(oneshot::error::TryRecvError::Empty) => break,
                     Err(oneshot::error::TryRecvError::Closed) => {
                         return Err(Close::server(reason::SERVER_UNAVAILABLE, "state pipeline closed"));
                     }
-                }
-            } else {
-                front.result.take()
+                },
+                Stage::Done(r) => r.take(),
             };
             let Some(p) = self.pending.pop_front() else { break };
             let reply = match result {
                 None => None,
                 Some(Ok(r)) => Some(r),
-                Some(Err(_)) => {
-                    return Err(Close::server(reason::SERVER_UNAVAILABLE, "state pipeline closed"))
-                }
+                Some(Err(_)) => return Err(Close::server(reason::SERVER_UNAVAILABLE, "state pipeline closed")),
             };
             self.run_action(p.action, reply);
         }
@@ -923,7 +976,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         self.pump_out();
     }
 
-    async fn on_pubrel(&mut self, r: PubResp) -> Step {
+    fn on_pubrel(&mut self, r: PubResp) -> Step {
         let pid = r.packet_id;
         if !self.in_qos2.remove(&pid) {
             let code = if self.version.is_v5() { reason::PACKET_IDENTIFIER_NOT_FOUND } else { 0 };
@@ -941,15 +994,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
                     packet_id: u32::from(pid),
                 })),
             };
-            let rx = match self.inner.pipeline.submit(cmd).await {
-                Ok(rx) => rx,
-                Err(_) => return Err(Close::server(reason::SERVER_UNAVAILABLE, "state pipeline closed")),
-            };
-            self.pending.push_back(Pending {
-                rx: Some(rx),
-                result: None,
-                action: Action::Ack { packet, releases_quota: true },
-            });
+            self.propose(cmd, Action::Ack { packet, releases_quota: true })?;
         } else {
             self.queue_action(Action::Ack { packet, releases_quota: true });
         }
@@ -964,7 +1009,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         });
     }
 
-    /// Hands this wake-up's subscriber acks to the batching task (not waiting for State).
+    /// Hands the subscriber acks to the batching task (not waiting for State).
     async fn flush_acks(&mut self) {
         if self.acks.is_empty() {
             return;
@@ -975,7 +1020,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
 
     // ------------------------------------------------------------ SUBSCRIBE
 
-    async fn on_subscribe(&mut self, s: Subscribe) -> Step {
+    fn on_subscribe(&mut self, s: Subscribe) -> Step {
         let v5 = self.version.is_v5();
         let mut codes = Vec::with_capacity(s.filters.len());
         let mut state_subs = Vec::new();
@@ -1034,15 +1079,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
                 subscriptions: state_subs,
             })),
         };
-        let rx = match self.inner.pipeline.submit(cmd).await {
-            Ok(rx) => rx,
-            Err(_) => return Err(Close::server(reason::SERVER_UNAVAILABLE, "state pipeline closed")),
-        };
-        self.pending.push_back(Pending {
-            rx: Some(rx),
-            result: None,
-            action: Action::SubAck { ack, retained },
-        });
+        self.propose(cmd, Action::SubAck { ack, retained })?;
         Ok(())
     }
 
@@ -1089,7 +1126,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         self.pump_out();
     }
 
-    async fn on_unsubscribe(&mut self, u: Unsubscribe) -> Step {
+    fn on_unsubscribe(&mut self, u: Unsubscribe) -> Step {
         let mut codes = Vec::with_capacity(u.filters.len());
         for f in &u.filters {
             let existed = self.inner.router.write().unsubscribe(&self.client_id, f);
@@ -1110,11 +1147,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
                 filters: u.filters,
             })),
         };
-        let rx = match self.inner.pipeline.submit(cmd).await {
-            Ok(rx) => rx,
-            Err(_) => return Err(Close::server(reason::SERVER_UNAVAILABLE, "state pipeline closed")),
-        };
-        self.pending.push_back(Pending { rx: Some(rx), result: None, action: Action::UnsubAck(ack) });
+        self.propose(cmd, Action::UnsubAck(ack))?;
         Ok(())
     }
 
@@ -1365,10 +1398,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
 
         // Proposals still in flight are applied anyway; their fast-path copies still go out.
         while let Some(p) = self.pending.pop_front() {
-            let reply = match p.rx {
-                Some(rx) => rx.await.ok(),
-                None => p.result.and_then(|r| r.ok()),
+            let reply = match p.stage {
+                Stage::Unsent(cmd) => match self.inner.pipeline.propose(cmd).await {
+                    Ok(a) => Ok(a),
+                    Err(super::PipelineError::State(e)) => Err(e),
+                    Err(super::PipelineError::Closed) => break,
+                },
+                Stage::Waiting(rx) => match rx.await {
+                    Ok(r) => r,
+                    Err(_) => break,
+                },
+                Stage::Done(Some(Ok(r))) => r,
+                Stage::Done(_) => Ok(Applied::default()),
             };
+            let reply = Some(reply);
             if let Action::Publish { msg, targets, .. } = p.action {
                 if !matches!(reply, Some(Err(_))) {
                     self.inner.deliver(&msg, targets, false);
@@ -1424,4 +1467,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         }
         Metrics::dec(&metrics.clients_connected);
     }
+}
+
+#[cfg(test)]
+pub(crate) fn conn_size<S>() -> usize {
+    std::mem::size_of::<Conn<S>>()
 }

@@ -77,6 +77,17 @@ impl Pipeline {
         Ok(rx)
     }
 
+    /// Like [`Pipeline::submit`] without waiting: gives the command back when
+    /// the queue is full (`Err(Some(cmd))`); `Err(None)` = closed.
+    pub fn try_submit(&self, cmd: pb::Command) -> Result<oneshot::Receiver<Reply>, Option<pb::Command>> {
+        let (tx, rx) = oneshot::channel();
+        match self.tx.try_send(Proposal { cmd, reply: Some(tx) }) {
+            Ok(()) => Ok(rx),
+            Err(mpsc::error::TrySendError::Full(p)) => Err(Some(p.cmd)),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(None),
+        }
+    }
+
     /// Queues a command nobody waits for (Tick, wills); waits only for queue room.
     pub async fn send(&self, cmd: pb::Command) -> Result<(), PipelineError> {
         self.tx.send(Proposal { cmd, reply: None }).await.map_err(|_| PipelineError::Closed)
