@@ -347,20 +347,45 @@ async fn slow_consumer_does_not_stall_others() {
     let (mut fast, _) = RawClient::connect_ok(b.addr, &Conn::v3("fast")).await;
     fast.sub("slow/t", 1).await;
     let (mut p, _) = RawClient::connect_ok(b.addr, &Conn::v5("slow-pub")).await;
+    let rss_before = b.rss_kib();
     let payload = vec![b'z'; 32 * 1024];
     let n = 800u32; // ~26 MB: far beyond what socket buffers absorb
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(60);
     for i in 0..n {
         let mut body = i.to_be_bytes().to_vec();
         body.extend_from_slice(&payload);
         p.publish_acked(&Pub::new("slow/t", &body, 1).pid((i % 60000) as u16 + 1)).await;
         let m = fast.expect_pub().await;
         fast.send(&puback(m.pid.unwrap_or(0))).await;
+        assert_eq!(m.payload.len(), body.len());
         assert_eq!(&m.payload[..4], &i.to_be_bytes(), "fast subscriber got message out of order");
         assert!(Instant::now() < deadline, "publishing stalled: only {i} of {n} in 60 s");
     }
     assert!(b.alive());
+    // Bounded: the ~26 MB the two slow subscribers never read must not all be
+    // held for them (each may hold its outbox of 100 messages = 3.2 MB, plus its
+    // in-flight window and socket buffers).
+    if let (Some(before), Some(after)) = (rss_before, b.rss_kib()) {
+        eprintln!(
+            "broker RSS before {before} KiB, after {after} KiB; {n} messages in {:?}",
+            started.elapsed()
+        );
+        assert!(
+            after.saturating_sub(before) < 40 * 1024,
+            "broker memory grew by {} KiB for two slow consumers: not bounded",
+            after - before
+        );
+    }
     let (mut other, _) = RawClient::connect_ok(b.addr, &Conn::v5("slow-after")).await;
     other.ping().await;
-    drop(slow);
+    // The slow subscribers did get data (until their buffers filled), so the
+    // test did exercise a consumer that stopped reading.
+    for s in slow.iter_mut() {
+        match s.recv(Duration::from_secs(2)).await {
+            Recv::Packet(Pkt::Publish(m)) => assert_eq!(m.payload.len(), 4 + payload.len()),
+            Recv::Closed => {} // disconnected as a slow consumer: also bounded
+            other => panic!("slow subscriber: {other:?}"),
+        }
+    }
 }

@@ -426,3 +426,25 @@ async fn retain_not_available() {
         "expected DISCONNECT 0x9A (retain not supported), got {got:?}"
     );
 }
+
+#[tokio::test]
+async fn request_problem_information_zero_suppresses_reason_strings() {
+    // MQTT-3.1.2-29: no Reason String / User Properties except on PUBLISH, CONNACK, DISCONNECT.
+    let b = Broker::start().await;
+    let (mut c, _) =
+        RawClient::connect_ok(b.addr, &Conn::v5("rpi0").prop(Prop::Byte(REQUEST_PROBLEM_INFO, 0))).await;
+    c.send(&pubrel(999)).await;
+    match c.expect(WAIT).await {
+        Pkt::PubComp { pid: 999, props, .. } => {
+            assert!(props.find(REASON_STRING).is_none(), "PUBCOMP carries a Reason String: {props:?}")
+        }
+        other => panic!("{other:?}"),
+    }
+    c.send(&unsubscribe(true, 3, &["never/subscribed"])).await;
+    match c.expect(WAIT).await {
+        Pkt::UnsubAck { pid: 3, props, .. } => {
+            assert!(props.find(REASON_STRING).is_none(), "UNSUBACK carries a Reason String: {props:?}")
+        }
+        other => panic!("{other:?}"),
+    }
+}

@@ -229,6 +229,14 @@ impl Broker {
         self.dir.path().join(name)
     }
 
+    /// Resident memory of the broker process in KiB (Linux /proc), if readable.
+    pub fn rss_kib(&self) -> Option<u64> {
+        let pid = self.child.as_ref()?.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    }
+
     /// Sends SIGTERM (graceful shutdown).
     pub fn terminate(&self) {
         if let Some(c) = self.child.as_ref() {
