@@ -525,6 +525,36 @@ proptest! {
     }
 
     #[test]
+    fn v5_packets_encode_for_v311_clients(p in prop_oneof![connect(ProtocolVersion::V5), session_packet(ProtocolVersion::V5)]) {
+        // The broker builds one packet and writes it for either version: for
+        // 3.1.1 the MQTT 5 fields are dropped and encoded_len must follow.
+        let v3 = ProtocolVersion::V311;
+        let mut out = BytesMut::new();
+        match encode(&p, v3, &mut out) {
+            Ok(()) => {
+                prop_assert_eq!(out.len(), encoded_len(&p, v3));
+                let is_connect = matches!(p, Packet::Connect(_));
+                let version = if is_connect { None } else { Some(v3) };
+                // What 3.1.1 can express decodes (an alias-only topic cannot).
+                let alias_only = matches!(&p, Packet::Publish(x) if x.topic.is_empty());
+                let empty_id = matches!(&p, Packet::Connect(c) if c.client_id.is_empty() && !c.clean_start);
+                if !alias_only && !empty_id {
+                    let back = decode(&mut out, version, MAX);
+                    prop_assert!(matches!(back, Ok(Some(_))), "{:?}", back);
+                }
+            }
+            Err(e) => prop_assert!(
+                matches!(
+                    (&p, &e),
+                    (Packet::Auth(_), EncodeError::NotInVersion { .. })
+                        | (Packet::Connect(_), EncodeError::PasswordWithoutUsername)
+                ),
+                "{:?}", e
+            ),
+        }
+    }
+
+    #[test]
     fn split_stream_decodes_the_same_packets(
         (v, packets) in version().prop_flat_map(|v| vec(session_packet(v), 1..6).prop_map(move |p| (v, p))),
         cuts in vec(any::<prop::sample::Index>(), 0..8),

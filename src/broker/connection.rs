@@ -866,7 +866,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             let reply = match result {
                 None => None,
                 Some(Ok(r)) => Some(r),
-                Some(Err(_)) => return Err(Close::server(reason::SERVER_UNAVAILABLE, "state pipeline closed")),
+                Some(Err(_)) => {
+                    return Err(Close::server(reason::SERVER_UNAVAILABLE, "state pipeline closed"))
+                }
             };
             self.run_action(p.action, reply);
         }
@@ -1077,6 +1079,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             cmd: Some(pb::command::Cmd::Subscribe(pb::Subscribe {
                 client_id: self.client_id.to_string(),
                 subscriptions: state_subs,
+                ..Default::default()
             })),
         };
         self.propose(cmd, Action::SubAck { ack, retained })?;
