@@ -668,3 +668,36 @@ async fn shutdown_sends_server_shutting_down() {
     let status = b.wait_exit(Duration::from_secs(10)).await;
     assert!(status.is_some(), "broker did not exit within 10 s of SIGTERM");
 }
+
+#[tokio::test]
+async fn will_on_abnormal_close_persistent_session() {
+    // Persistent sessions keep their will in the replicated state: same behaviour.
+    let b = Broker::start().await;
+    for v5 in [false, true] {
+        let topic = format!("will/persist/{v5}");
+        let mut s = will_watcher(&b, &topic).await;
+        let mut conn =
+            Conn::version(v5, &format!("pw-{v5}")).clean(false).will(Will::new(&topic, b"p-bye").qos(1));
+        if v5 {
+            conn = conn.expiry(60);
+        }
+        let (c, _) = RawClient::connect_ok(b.addr, &conn).await;
+        drop(c);
+        let m = s.expect_pub().await;
+        assert_eq!(m.payload, b"p-bye", "v5={v5}");
+        // And a normal DISCONNECT of a persistent session sends none.
+        let (c, _) = RawClient::connect_ok(b.addr, &conn).await;
+        c.disconnect().await;
+        s.expect_nothing(Duration::from_millis(500)).await;
+    }
+}
+
+#[tokio::test]
+async fn keep_alive_zero_is_never_timed_out() {
+    let b = Broker::start_with(BrokerCfg::new().mqtt("max_keep_alive = 65535")).await;
+    let (mut c, ack) = RawClient::connect(b.addr, &Conn::v5("ka0").keep_alive(0)).await;
+    assert_eq!(connack_code(&ack), 0);
+    // Idle for longer than any short timeout would allow.
+    c.expect_nothing(Duration::from_millis(2500)).await;
+    c.ping().await;
+}

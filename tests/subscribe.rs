@@ -501,3 +501,21 @@ async fn subscription_identifier_on_retained_delivery() {
     assert!(m.retain);
     assert_eq!(m.props.sub_ids(), vec![42], "retained delivery carries the subscription identifier");
 }
+
+#[tokio::test]
+async fn shared_subscription_member_leaves() {
+    let b = Broker::start().await;
+    let (mut stay, _) = RawClient::connect_ok(b.addr, &Conn::v5("sh-stay")).await;
+    stay.sub("$share/g2/shl/t", 1).await;
+    let (mut leave, _) = RawClient::connect_ok(b.addr, &Conn::v5("sh-leave")).await;
+    leave.sub("$share/g2/shl/t", 1).await;
+    leave.disconnect().await;
+    let (mut p, _) = RawClient::connect_ok(b.addr, &Conn::v5("sh-pub")).await;
+    for i in 0..10u16 {
+        p.publish_acked(&Pub::new("shl/t", format!("{i}").as_bytes(), 1).pid(i + 1)).await;
+    }
+    for i in 0..10u16 {
+        let m = stay.recv_pub_auto().await;
+        assert_eq!(m.payload, format!("{i}").as_bytes(), "the remaining member gets every message");
+    }
+}
