@@ -20,12 +20,17 @@ use crate::protocol::{
 /// Largest packet accepted from the broker.
 const MAX_INCOMING_PACKET: usize = 256 * 1024 * 1024;
 
+/// Bytes made room for before a read when the read buffer is nearly full.
+const READ_CHUNK: usize = 16 * 1024;
+
 pub(crate) struct Conn {
     pub name: String,
     stream: TcpStream,
     rbuf: BytesMut,
     pub wbuf: BytesMut,
     pub version: ProtocolVersion,
+    /// The broker's Receive Maximum from CONNACK (MQTT 5; 65535 when absent).
+    pub receive_maximum: u16,
 }
 
 /// What `open` needs to reach the broker.
@@ -63,6 +68,7 @@ impl Conn {
             rbuf: BytesMut::with_capacity(dial.buffer),
             wbuf: BytesMut::with_capacity(dial.buffer),
             version: dial.version,
+            receive_maximum: u16::MAX,
         };
         let connect = Connect {
             protocol: ProtocolVersionOrDefault(dial.version),
@@ -74,7 +80,10 @@ impl Conn {
         conn.queue(&Packet::Connect(connect))?;
         conn.flush().await?;
         match conn.recv(dial.deadline).await? {
-            Packet::ConnAck(ack) if ack.reason_code == 0 => Ok(conn),
+            Packet::ConnAck(ack) if ack.reason_code == 0 => {
+                conn.receive_maximum = ack.properties.receive_maximum.unwrap_or(u16::MAX).max(1);
+                Ok(conn)
+            }
             Packet::ConnAck(ack) => Err(BenchError::Refused { what: name, code: ack.reason_code }),
             other => Err(conn.unexpected("CONNACK", &other)),
         }
@@ -137,8 +146,11 @@ impl Conn {
 
     /// Reads once from the socket into the read buffer. Cancel safe.
     pub async fn fill(&mut self) -> Result<(), BenchError> {
-        if self.rbuf.capacity() - self.rbuf.len() < 4096 {
-            self.rbuf.reserve(64 * 1024);
+        // Ask for less than the buffer's size: once the decoded packets before the
+        // unread tail are dropped, BytesMut then moves the short tail to the front
+        // of its allocation instead of reallocating and copying everything.
+        if self.rbuf.capacity() - self.rbuf.len() < 1024 {
+            self.rbuf.reserve(READ_CHUNK);
         }
         match self.stream.read_buf(&mut self.rbuf).await {
             Ok(0) => Err(BenchError::Closed(self.name.clone())),
@@ -198,6 +210,12 @@ impl Conn {
     }
 
     pub fn unexpected(&self, wanted: &str, got: &Packet) -> BenchError {
+        if let Packet::Disconnect(d) = got {
+            return BenchError::Refused {
+                what: format!("{} disconnected by the broker", self.name),
+                code: d.reason_code,
+            };
+        }
         BenchError::Unexpected {
             what: self.name.clone(),
             detail: format!("wanted {wanted}, got {}", kind(got)),

@@ -140,7 +140,8 @@ pub(crate) async fn run(plan: &Plan) -> Result<BenchReport, BenchError> {
             counter: topo.pub_counter.get(i).copied().unwrap_or(0),
             qos: plan.qos,
             size: plan.size,
-            window: u64::from(plan.inflight),
+            // The broker's Receive Maximum (MQTT 5) caps the window.
+            window: u64::from(plan.inflight.min(conn.receive_maximum)),
             rate: plan.rate as f64 / npubs,
             epoch,
             publish_until,

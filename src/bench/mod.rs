@@ -223,6 +223,9 @@ impl Plan {
 /// machines this runs on cap a process at 20000).
 const MAX_CLIENTS: usize = 1_000_000;
 
+/// File descriptors kept for the runtime, /proc reads and stdio.
+const FD_RESERVE: u64 = 32;
+
 fn plan(args: &BenchArgs) -> Result<Plan, BenchError> {
     let bad = |m: String| Err(BenchError::InvalidArgs(m));
     let qos = match QoS::from_u8(args.qos) {
@@ -264,6 +267,21 @@ fn plan(args: &BenchArgs) -> Result<Plan, BenchError> {
     };
     if args.threads == 0 || args.threads > 256 {
         return bad(format!("--threads {} (expected 1..=256)", args.threads));
+    }
+    // Each connection is a file descriptor; fail early and clearly rather than
+    // with thousands of "too many open files" (performance.md section 6).
+    let connections = match args.scenario {
+        Scenario::P2p => clients.saturating_mul(2),
+        Scenario::Fanin | Scenario::Fanout => clients.saturating_add(1),
+        Scenario::ConnRate | Scenario::IdleConns => clients,
+    };
+    if let Some(limit) = procfs::open_files_limit() {
+        if connections as u64 + FD_RESERVE > limit {
+            return bad(format!(
+                "{connections} connections need more file descriptors than this process may open \
+                 ({limit}, `ulimit -n`); run several tool processes"
+            ));
+        }
     }
     let addr = resolve(&args.host, args.port)?;
     if args.src_ips > 1 && !(addr.ip().is_loopback() && addr.is_ipv4()) {
@@ -352,6 +370,11 @@ mod tests {
         assert!(matches!(plan(&none), Err(BenchError::InvalidArgs(_))));
         let remote_src = BenchArgs { host: "192.0.2.1".into(), src_ips: 4, ..BenchArgs::default() };
         assert!(matches!(plan(&remote_src), Err(BenchError::InvalidArgs(_))));
+        let too_many =
+            BenchArgs { scenario: Scenario::IdleConns, clients: Some(999_999), ..BenchArgs::default() };
+        if procfs::open_files_limit().is_some_and(|l| l < 999_999) {
+            assert!(matches!(plan(&too_many), Err(BenchError::InvalidArgs(_))));
+        }
         let bad_timeout = BenchArgs { timeout: -1.0, ..BenchArgs::default() };
         assert!(matches!(plan(&bad_timeout), Err(BenchError::InvalidArgs(_))));
     }

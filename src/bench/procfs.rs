@@ -70,6 +70,18 @@ pub fn parse_status_kb(status: &str, key: &str) -> Option<u64> {
     })
 }
 
+/// The soft limit on open files from the text of `/proc/<pid>/limits`
+/// (None when absent or "unlimited").
+pub fn parse_open_files_limit(limits: &str) -> Option<u64> {
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line["Max open files".len()..].split_ascii_whitespace().next()?.parse().ok()
+}
+
+/// This process's soft limit on open files, if it can be read.
+pub fn open_files_limit() -> Option<u64> {
+    parse_open_files_limit(&std::fs::read_to_string("/proc/self/limits").ok()?)
+}
+
 /// CPU used between two samples as a percentage of one core over `wall_s`.
 pub fn cpu_percent(before: &ProcSample, after: &ProcSample, wall_s: f64) -> f64 {
     if wall_s <= 0.0 {
@@ -98,6 +110,17 @@ mod tests {
         assert_eq!(parse_status_kb(status, "VmHWM"), Some(15800));
         assert_eq!(parse_status_kb(status, "VmSwap"), None);
         assert_eq!(parse_status_kb("VmRSSX: 5 kB", "VmRSS"), None);
+    }
+
+    #[test]
+    fn parses_the_open_files_limit() {
+        let limits = "Limit                     Soft Limit           Hard Limit           Units     \n\
+                      Max processes             unlimited            unlimited            processes \n\
+                      Max open files            20000                20000                files     \n";
+        assert_eq!(parse_open_files_limit(limits), Some(20000));
+        assert_eq!(parse_open_files_limit("Max open files  unlimited unlimited files"), None);
+        assert_eq!(parse_open_files_limit(""), None);
+        assert!(open_files_limit().is_some_and(|n| n > 0));
     }
 
     #[test]

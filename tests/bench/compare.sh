@@ -18,6 +18,9 @@
 #   ROUNDS         A,B,B,A blocks per case (default 1 -> 2 runs of each broker)
 #   OUT            directory for logs and raw RESULT lines (default: a new temp dir)
 #   BENCH_TIMEOUT  --timeout of each tool run in seconds (default 180)
+#   CHRT           if set (e.g. 10), run broker and tool under `chrt -f $CHRT`
+#                  (SCHED_FIFO, needs root): on a machine shared with other
+#                  work this removes most preemption noise (see docs/BENCHMARKS.md)
 #
 # Output: one line per run, then per case the median of each figure per broker
 # and the ratio raftmq/mosquitto with the issue's target. Raw lines are kept in
@@ -32,6 +35,8 @@ BENCH_CMD=${BENCH_CMD:-$RAFTMQ_BIN bench}
 BROKERS=${BROKERS:-raftmq mosquitto}
 ROUNDS=${ROUNDS:-1}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-180}
+rt=()
+if [[ -n "${CHRT:-}" ]]; then rt=(chrt -f "$CHRT"); fi
 OUT=${OUT:-$(mktemp -d /tmp/raftmq-compare.XXXXXX)}
 mkdir -p "$OUT"
 results=$OUT/results.txt
@@ -40,14 +45,14 @@ results=$OUT/results.txt
 # name | tool arguments | figures compared (metric:target, see ratio_check)
 declare -A CASE_ARGS CASE_METRICS
 ALL_CASES="p2p-qos0 p2p-qos1 fanout50-qos0 p2p-qos0-10k p2p-qos1-10k idle-10k conn-rate-10k"
-CASE_ARGS[p2p-qos0]="--scenario p2p --qos 0 --msgs 100000"
-CASE_METRICS[p2p-qos0]="broker_cpu_us_per_op:le:0.667 msgs_per_s:ge:1"
-CASE_ARGS[p2p-qos1]="--scenario p2p --qos 1 --msgs 100000"
+CASE_ARGS[p2p-qos0]="--scenario p2p --qos 0 --msgs 300000"
+CASE_METRICS[p2p-qos0]="broker_cpu_us_per_op:le:0.667 msgs_per_s:ge:1 lost:info:-"
+CASE_ARGS[p2p-qos1]="--scenario p2p --qos 1 --msgs 300000"
 CASE_METRICS[p2p-qos1]="broker_cpu_us_per_op:le:0.667 msgs_per_s:ge:1"
 CASE_ARGS[fanout50-qos0]="--scenario fanout --qos 0 --clients 50 --msgs 100000"
-CASE_METRICS[fanout50-qos0]="broker_cpu_us_per_op:le:0.667 msgs_per_s:ge:1"
+CASE_METRICS[fanout50-qos0]="broker_cpu_us_per_op:le:0.667 broker_cpu_us_per_delivery:info:- msgs_per_s:ge:1 lost:info:-"
 CASE_ARGS[p2p-qos0-10k]="--scenario p2p --qos 0 --msgs 50000 --rate 10000"
-CASE_METRICS[p2p-qos0-10k]="p99_ms:le:1 broker_cpu_us_per_op:info:-"
+CASE_METRICS[p2p-qos0-10k]="p99_ms:le:1 broker_cpu_us_per_op:info:- lost:info:-"
 CASE_ARGS[p2p-qos1-10k]="--scenario p2p --qos 1 --msgs 50000 --rate 10000"
 CASE_METRICS[p2p-qos1-10k]="p99_ms:le:1 broker_cpu_us_per_op:info:-"
 CASE_ARGS[idle-10k]="--scenario idle-conns --clients 10000 --duration 5"
@@ -82,11 +87,24 @@ trap cleanup EXIT
 
 port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
+# Ports for the brokers come from below the kernel's ephemeral range: the
+# thousands of client connections (and their TIME_WAIT leftovers) of the
+# connection cases occupy ports inside it, and a listener cannot bind those.
+read -r eph_low _ </proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || eph_low=32768
+port_low=10000
+port_high=$((eph_low - 1))
+if ((port_high - port_low < 1000)); then port_low=61000 port_high=65000; fi
+
+port_taken() {
+  port_in_use "$1" && return 0
+  command -v ss >/dev/null && [[ -n "$(ss -Hant "( sport = :$1 )" 2>/dev/null)" ]]
+}
+
 free_port() {
   local p tries=0
   while ((tries < 200)); do
-    p=$((20000 + RANDOM % 30000))
-    if ! port_in_use "$p"; then echo "$p"; return 0; fi
+    p=$((port_low + (RANDOM * 32768 + RANDOM) % (port_high - port_low + 1)))
+    if ! port_taken "$p"; then echo "$p"; return 0; fi
     tries=$((tries + 1))
   done
   echo "no free port found" >&2
@@ -120,7 +138,7 @@ log_dest stderr
 log_type error
 max_queued_messages 1000000
 CONF
-  "$MOSQUITTO_BIN" -c "$dir/mosquitto.conf" 2>"$dir/broker.log" &
+  "${rt[@]}" "$MOSQUITTO_BIN" -c "$dir/mosquitto.conf" 2>"$dir/broker.log" &
   broker_pid=$!
 }
 
@@ -128,7 +146,7 @@ start_raftmq() {
   local port=$1 dir=$2 admin
   admin=$(free_port)
   mkdir -p "$dir/data"
-  "$RAFTMQ_BIN" serve --mqtt-listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" \
+  "${rt[@]}" "$RAFTMQ_BIN" serve --mqtt-listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" \
     --data-dir "$dir/data" 2>"$dir/broker.log" >/dev/null &
   broker_pid=$!
 }
@@ -137,15 +155,24 @@ run_one() {
   local case=$1 broker=$2 n=$3 dir port line
   dir=$OUT/$case-$broker-$n
   mkdir -p "$dir"
-  port=$(free_port)
-  "start_$broker" "$port" "$dir"
-  if ! wait_listening "$port" "$broker_pid"; then
+  local attempt started=0
+  # A port can still be taken between the check and the bind: retry on another.
+  for attempt in 1 2 3; do
+    port=$(free_port)
+    "start_$broker" "$port" "$dir"
+    if wait_listening "$port" "$broker_pid"; then
+      started=1
+      break
+    fi
     stop_broker
+    cp "$dir/broker.log" "$dir/broker.log.$attempt" 2>/dev/null || true
+  done
+  if ((!started)); then
     echo "case=$case broker=$broker RESULT failed (broker did not start, see $dir/broker.log)" | tee -a "$results"
     return 0
   fi
   # shellcheck disable=SC2086 # BENCH_CMD and CASE_ARGS hold several words on purpose
-  if $BENCH_CMD --host 127.0.0.1 --port "$port" --broker-pid "$broker_pid" --threads 1 \
+  if "${rt[@]}" $BENCH_CMD --host 127.0.0.1 --port "$port" --broker-pid "$broker_pid" --threads 1 \
     --timeout "$BENCH_TIMEOUT" ${CASE_ARGS[$case]} >"$dir/bench.out" 2>"$dir/bench.err"; then
     line=$(grep '^RESULT ' "$dir/bench.out" | tail -n 1)
   else
