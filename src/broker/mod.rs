@@ -193,11 +193,17 @@ impl Broker {
 
     /// Serves one client connection until it ends. `stream` is any byte stream
     /// (TCP, TLS, WebSocket).
-    pub async fn serve_connection<S>(&self, stream: S, peer: SocketAddr)
+    /// (A plain `fn` returning the future, so the future stays a few pointers
+    /// big; call it as `broker.serve_connection(s, peer).await`.)
+    pub fn serve_connection<S>(
+        &self,
+        stream: S,
+        peer: SocketAddr,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        connection::serve(self.inner.clone(), stream, peer).await;
+        connection::serve(self.inner.clone(), stream, peer)
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -247,6 +253,7 @@ impl Inner {
     /// Hands fast-path copies to their mailboxes; slow or offline clients lose them (counted).
     pub fn deliver(&self, msg: &Arc<Message>, targets: Vec<Target>, force_retain: bool) {
         let cap = self.config.outbox_capacity.max(1);
+        let cap12 = cap.saturating_add(self.config.max_queued_messages);
         for t in targets {
             let d = Delivery {
                 msg: msg.clone(),
@@ -254,7 +261,7 @@ impl Inner {
                 retain: force_retain || (t.retain_as_published && msg.retain),
                 sub_ids: t.sub_ids,
             };
-            match t.mailbox.push(d, cap) {
+            match t.mailbox.push(d, cap, cap12) {
                 Push::Queued => {}
                 Push::Full => Metrics::inc(&self.metrics.messages_dropped_outbox),
                 Push::Offline => {}
