@@ -30,13 +30,13 @@ use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::auth::Authenticator;
-use crate::protocol::{PublishProperties, QoS};
+use crate::protocol::{PublishProperties, QoS, RetainHandling, SubscriptionOptions};
 use crate::state::{pb, Event, Limits, State};
 
 pub use metrics::Metrics;
 pub use pipeline::{Pipeline, PipelineError};
 
-use router::{Router, Target};
+use router::{Router, SubValue, Target};
 use session::{flag, Delivery, Mailbox, Message, Push};
 
 /// The `[mqtt]` section of the configuration (see config/ and the README).
@@ -183,6 +183,7 @@ impl Broker {
                 sys_retained: Mutex::new(Vec::new()),
             }
         });
+        inner.restore_sessions();
         tokio::spawn(ack_task(Arc::downgrade(&inner), ack_rx));
         tokio::spawn(housekeeping(Arc::downgrade(&inner)));
         if inner.config.sys_interval > 0 {
@@ -313,6 +314,42 @@ impl Inner {
                         Metrics::dec(&self.metrics.sessions_persistent);
                     }
                 }
+            }
+        }
+    }
+
+    /// Makes the router and the registry match the sessions State holds (a
+    /// State restored from a snapshot, or a new leader): offline mailboxes
+    /// with every stored subscription.
+    fn restore_sessions(&self) {
+        let st = self.state.read();
+        let mut reg = self.registry.lock();
+        let mut router = self.router.write();
+        for (client_id, sess) in st.sessions() {
+            let key: Arc<str> = client_id.into();
+            let mb = reg.entry(key.clone()).or_insert_with(|| Arc::new(Mailbox::new(key.clone()))).clone();
+            mb.set_managed(true);
+            Metrics::inc(&self.metrics.sessions_persistent);
+            for sub in sess.subscriptions() {
+                let opts = SubscriptionOptions {
+                    qos: QoS::from_u8(sub.qos.min(2) as u8).unwrap_or_default(),
+                    no_local: sub.no_local,
+                    retain_as_published: sub.retain_as_published,
+                    retain_handling: match sub.retain_handling {
+                        1 => RetainHandling::SendIfNew,
+                        2 => RetainHandling::DoNotSend,
+                        _ => RetainHandling::SendAtSubscribe,
+                    },
+                };
+                let value = SubValue {
+                    opts,
+                    sub_id: (sub.subscription_id != 0).then_some(sub.subscription_id),
+                    mailbox: mb.clone(),
+                };
+                if !router.subscribe(&key, &sub.filter, value) {
+                    Metrics::inc(&self.metrics.subscriptions);
+                }
+                mb.add_filter(&sub.filter);
             }
         }
     }

@@ -637,6 +637,57 @@ async fn slow_consumer_does_not_block_others() {
 }
 
 #[tokio::test]
+async fn broker_over_restored_state_routes_to_stored_sessions() {
+    let b = broker();
+    let (mut s, _) = connect_persistent(&b, "sub", true).await;
+    s.subscribe(1, "t", QoS::AtLeastOnce).await;
+    s.send(Packet::Disconnect(Disconnect::default())).await;
+    assert_eq!(s.recv().await, None);
+    b.shutdown().await;
+    let snapshot = b.state().read().snapshot();
+    let restored = crate::state::State::from_snapshot(snapshot, BrokerConfig::default().state_limits())
+        .expect("restore");
+    let b2 = Broker::with_state(
+        BrokerConfig { sys_interval: 0, ..Default::default() },
+        Arc::new(StaticAuthenticator::new(true, None)),
+        Arc::new(parking_lot::RwLock::new(restored)),
+    );
+    let mut p = connect(&b2, V5, "pub").await;
+    p.pub_msg("t", b"kept", QoS::AtLeastOnce, 1, false).await;
+    let (mut s, ack) = connect_persistent(&b2, "sub", false).await;
+    assert!(ack.session_present);
+    assert_eq!(s.publish().await.payload, Bytes::from_static(b"kept"));
+}
+
+#[tokio::test]
+async fn will_delay_is_cancelled_by_resume_and_fires_after_the_delay() {
+    let b = broker();
+    let mut w = connect(&b, V5, "watch").await;
+    w.subscribe(1, "will/d", QoS::AtMostOnce).await;
+    let mut c = connect_packet(V5, "dev");
+    c.clean_start = false;
+    c.properties.session_expiry_interval = Some(60);
+    c.will = Some(LastWill {
+        topic: "will/d".into(),
+        payload: Bytes::from_static(b"late"),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        properties: WillProperties { will_delay_interval: Some(1), ..Default::default() },
+    });
+    let (dev, _) = connect_with(&b, V5, c.clone()).await;
+    drop(dev);
+    // Resumed within the delay: no will.
+    let (dev, ack) = connect_with(&b, V5, c.clone()).await;
+    assert!(ack.session_present);
+    w.nothing_for(1500).await;
+    drop(dev);
+    let started = std::time::Instant::now();
+    let m = w.publish().await;
+    assert_eq!(m.payload, Bytes::from_static(b"late"));
+    assert!(started.elapsed() >= Duration::from_millis(800), "will sent before its delay");
+}
+
+#[tokio::test]
 async fn shutdown_sends_0x8b() {
     let b = broker();
     let mut c = connect(&b, V5, "c").await;
