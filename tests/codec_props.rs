@@ -202,6 +202,8 @@ fn connect(v: ProtocolVersion) -> impl Strategy<Value = Packet> {
         move |(clean_start, keep_alive, client_id, will, username, password, properties)| {
             // 3.1.1: a password needs a user name.
             let password = if v5 || username.is_some() { password } else { None };
+            // 3.1.1: an empty client id needs clean session.
+            let clean_start = clean_start || (!v5 && client_id.is_empty());
             Packet::Connect(Connect {
                 protocol: ProtocolVersionOrDefault(v),
                 clean_start,
@@ -346,8 +348,13 @@ fn subscribe(v: ProtocolVersion) -> impl Strategy<Value = Packet> {
             SubscriptionOptions { qos, ..Default::default() }
         }
     });
-    (packet_id(), vec((string(), opts), 1..4), option::of(1..=VBI_MAX), user()).prop_map(
-        move |(packet_id, filters, sid, u)| {
+    let filter = prop_oneof![string(), string().prop_map(|s| format!("$share/{s}"))];
+    (packet_id(), vec((filter, opts), 1..4), option::of(1..=VBI_MAX), user()).prop_map(
+        move |(packet_id, mut filters, sid, u)| {
+            // No Local is a protocol error on a shared subscription.
+            for (f, o) in &mut filters {
+                o.no_local &= !f.starts_with("$share/");
+            }
             Packet::Subscribe(Subscribe {
                 packet_id,
                 filters,
@@ -515,6 +522,36 @@ proptest! {
         let back = decode(&mut buf, decode_version(v, &p), MAX);
         prop_assert_eq!(back, Ok(Some(p)));
         prop_assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn v5_packets_encode_for_v311_clients(p in prop_oneof![connect(ProtocolVersion::V5), session_packet(ProtocolVersion::V5)]) {
+        // The broker builds one packet and writes it for either version: for
+        // 3.1.1 the MQTT 5 fields are dropped and encoded_len must follow.
+        let v3 = ProtocolVersion::V311;
+        let mut out = BytesMut::new();
+        match encode(&p, v3, &mut out) {
+            Ok(()) => {
+                prop_assert_eq!(out.len(), encoded_len(&p, v3));
+                let is_connect = matches!(p, Packet::Connect(_));
+                let version = if is_connect { None } else { Some(v3) };
+                // What 3.1.1 can express decodes (an alias-only topic cannot).
+                let alias_only = matches!(&p, Packet::Publish(x) if x.topic.is_empty());
+                let empty_id = matches!(&p, Packet::Connect(c) if c.client_id.is_empty() && !c.clean_start);
+                if !alias_only && !empty_id {
+                    let back = decode(&mut out, version, MAX);
+                    prop_assert!(matches!(back, Ok(Some(_))), "{:?}", back);
+                }
+            }
+            Err(e) => prop_assert!(
+                matches!(
+                    (&p, &e),
+                    (Packet::Auth(_), EncodeError::NotInVersion { .. })
+                        | (Packet::Connect(_), EncodeError::PasswordWithoutUsername)
+                ),
+                "{:?}", e
+            ),
+        }
     }
 
     #[test]

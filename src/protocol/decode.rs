@@ -50,6 +50,11 @@ pub fn decode(
     }
     let total = header_len + remaining;
     if total > max_packet_size {
+        let mut ctx = ctx;
+        if ptype == PacketType::Connect {
+            // Answer the CONNACK in the client's version when its level is buffered.
+            ctx.version = peek_connect_version(&buf[header_len..]);
+        }
         return Err(DecodeError::PacketTooLarge { ctx, size: total, max: max_packet_size });
     }
     if buf.len() < total {
@@ -57,24 +62,46 @@ pub fn decode(
     }
 
     let packet = if remaining == 0 {
-        // No body: nothing worth a frame (PINGREQ, PINGRESP, short DISCONNECT/AUTH).
+        // No body: PINGREQ, PINGRESP, short DISCONNECT/AUTH.
         buf.advance(total);
         decode_empty(ctx)?
-    } else {
+    } else if matches!(
+        ptype,
+        PacketType::Connect | PacketType::ConnAck | PacketType::Publish | PacketType::Auth
+    ) {
+        // Packets with binary fields: split the frame off so those fields (the
+        // PUBLISH payload above all) are zero-copy slices of it.
         let frame = buf.split_to(total).freeze();
-        let mut r = Reader {
-            buf: frame,
-            pos: header_len,
-            end: total,
-            ctx,
-            budget: max_packet_size,
-            max: max_packet_size,
-        };
-        let p = decode_body(&mut r, first)?;
+        let mut r = Reader::new(&frame, Some(&frame), header_len, ctx, max_packet_size);
+        let mut packet = decode_body(&mut r, first)?;
         r.finish()?;
-        p
+        let payload_at = r.payload_at;
+        if let Packet::Publish(p) = &mut packet {
+            if payload_at < total {
+                let mut payload = frame;
+                payload.advance(payload_at);
+                p.payload = payload;
+            }
+        }
+        packet
+    } else {
+        // Everything else is parsed in place: no reference count to touch.
+        let mut r = Reader::new(&buf[..total], None, header_len, ctx, max_packet_size);
+        let packet = decode_body(&mut r, first)?;
+        r.finish()?;
+        buf.advance(total);
+        packet
     };
     Ok(Some(packet))
+}
+
+/// The version a CONNECT declares, read from its first bytes when present.
+fn peek_connect_version(body: &[u8]) -> Option<ProtocolVersion> {
+    match body.get(..7)? {
+        [0, 4, b'M', b'Q', b'T', b'T', 4] => Some(ProtocolVersion::V311),
+        [0, 4, b'M', b'Q', b'T', b'T', 5] => Some(ProtocolVersion::V5),
+        _ => None,
+    }
 }
 
 fn packet_type(first: u8, version: Option<ProtocolVersion>) -> Result<PacketType, DecodeError> {
@@ -117,6 +144,7 @@ fn check_flags(first: u8, ctx: Ctx) -> Result<(), DecodeError> {
 }
 
 /// Packets with remaining length 0.
+#[inline]
 fn decode_empty(ctx: Ctx) -> Result<Packet, DecodeError> {
     Ok(match ctx.packet {
         PacketType::PingReq => Packet::PingReq,
@@ -128,6 +156,7 @@ fn decode_empty(ctx: Ctx) -> Result<Packet, DecodeError> {
     })
 }
 
+#[inline(always)]
 fn decode_body(r: &mut Reader, first: u8) -> Result<Packet, DecodeError> {
     let v5 = r.ctx.version == Some(ProtocolVersion::V5);
     Ok(match r.ctx.packet {
@@ -219,6 +248,10 @@ fn decode_connect(r: &mut Reader) -> Result<Connect, DecodeError> {
     }
 
     let client_id = r.string()?;
+    if !v5 && client_id.is_empty() && !clean_start {
+        // MQTT 3.1.1 3.1.3.1: answered with return code 2 (identifier rejected).
+        return Err(DecodeError::EmptyClientIdWithoutCleanSession);
+    }
 
     let will = if will_flag {
         let mut wp = WillProperties::default();
@@ -355,10 +388,13 @@ fn decode_publish(r: &mut Reader, first: u8, v5: bool) -> Result<Publish, Decode
         })?;
     }
     check_topic_name(r, &topic, properties.topic_alias.is_some())?;
-    let payload = r.rest();
-    Ok(Publish { dup, qos, retain, topic, packet_id, properties, payload })
+    // The caller turns the rest of the frame into the payload without copying.
+    r.payload_at = r.pos;
+    r.pos = r.end;
+    Ok(Publish { dup, qos, retain, topic, packet_id, properties, payload: Bytes::new() })
 }
 
+#[inline]
 fn decode_pubresp(r: &mut Reader, v5: bool, valid: fn(u8) -> bool) -> Result<PubResp, DecodeError> {
     let packet_id = r.packet_id()?;
     let mut resp = PubResp::new(packet_id);
@@ -400,12 +436,15 @@ fn decode_subscribe(r: &mut Reader, v5: bool) -> Result<Subscribe, DecodeError> 
             2 => RetainHandling::DoNotSend,
             _ => return Err(DecodeError::ProtocolViolation { ctx: r.ctx, what: "retain handling 3" }),
         };
-        let options = SubscriptionOptions {
-            qos,
-            no_local: o & 0x04 != 0,
-            retain_as_published: o & 0x08 != 0,
-            retain_handling,
-        };
+        let no_local = o & 0x04 != 0;
+        if no_local && filter.starts_with("$share/") {
+            return Err(DecodeError::ProtocolViolation {
+                ctx: r.ctx,
+                what: "no local on a shared subscription",
+            });
+        }
+        let options =
+            SubscriptionOptions { qos, no_local, retain_as_published: o & 0x08 != 0, retain_handling };
         r.push(&mut sub.filters, (filter, options))?;
     }
     Ok(sub)
@@ -603,10 +642,12 @@ fn known_property(id: u8) -> bool {
     )
 }
 
-/// A cursor over one complete frame. `end` is the end of the packet or, while
+/// A cursor over one complete packet. `end` is the end of the packet or, while
 /// reading a property block, the end of that block.
-struct Reader {
-    buf: Bytes,
+struct Reader<'a> {
+    buf: &'a [u8],
+    /// The same bytes as a frame, when binary fields should be zero-copy.
+    frame: Option<&'a Bytes>,
     pos: usize,
     end: usize,
     ctx: Ctx,
@@ -615,9 +656,15 @@ struct Reader {
     budget: usize,
     /// The max_packet_size the budget started from, for the error.
     max: usize,
+    /// Where a PUBLISH payload starts.
+    payload_at: usize,
 }
 
-impl Reader {
+impl<'a> Reader<'a> {
+    fn new(buf: &'a [u8], frame: Option<&'a Bytes>, pos: usize, ctx: Ctx, max: usize) -> Reader<'a> {
+        Reader { buf, frame, pos, end: buf.len(), ctx, budget: max, max, payload_at: buf.len() }
+    }
+
     #[inline]
     fn left(&self) -> usize {
         self.end - self.pos
@@ -702,7 +749,13 @@ impl Reader {
 
     fn take(&mut self, n: usize, what: &'static str) -> Result<Bytes, DecodeError> {
         self.need(n, what)?;
-        let b = self.buf.slice(self.pos..self.pos + n);
+        let b = match self.frame {
+            Some(f) => f.slice(self.pos..self.pos + n),
+            None => {
+                self.charge(n)?;
+                Bytes::copy_from_slice(&self.buf[self.pos..self.pos + n])
+            }
+        };
         self.pos += n;
         Ok(b)
     }
@@ -726,13 +779,6 @@ impl Reader {
         let s = s.to_owned();
         self.pos += n;
         Ok(s)
-    }
-
-    /// The rest of the packet (PUBLISH payload), zero-copy.
-    fn rest(&mut self) -> Bytes {
-        let b = self.buf.slice(self.pos..self.end);
-        self.pos = self.end;
-        b
     }
 
     fn charge(&mut self, n: usize) -> Result<(), DecodeError> {

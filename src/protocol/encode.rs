@@ -406,7 +406,7 @@ impl Writer<'_> {
 
     fn vbi(&mut self, v: usize) -> Result<(), EncodeError> {
         if v > MAX_REMAINING_LENGTH {
-            return Err(EncodeError::VarIntTooLarge { packet: self.packet, value: v as u32 });
+            return Err(EncodeError::VarIntTooLarge { packet: self.packet, value: v });
         }
         put_vbi(self.out, v);
         Ok(())

@@ -79,6 +79,9 @@ pub enum DecodeError {
     /// MQTT 3.1.1: the password flag is set without the user name flag.
     #[error("CONNECT (MQTT 3.1.1): password without user name")]
     PasswordWithoutUsername,
+    /// MQTT 3.1.1: an empty client identifier requires clean session 1.
+    #[error("CONNECT (MQTT 3.1.1): empty client identifier with clean session 0")]
+    EmptyClientIdWithoutCleanSession,
     /// A property identifier that MQTT 5 does not define.
     #[error("{ctx}: unknown property identifier {id:#04x}")]
     UnknownProperty { ctx: Ctx, id: u8 },
@@ -137,6 +140,7 @@ impl DecodeError {
             }
             PacketTooLarge { .. } | MemoryLimit { .. } => reason::PACKET_TOO_LARGE,
             TopicNameInvalid { .. } => reason::TOPIC_NAME_INVALID,
+            EmptyClientIdWithoutCleanSession => reason::CLIENT_IDENTIFIER_NOT_VALID,
         }
     }
 
@@ -148,7 +152,7 @@ impl DecodeError {
             InvalidProtocolName { .. } | UnsupportedProtocolVersion { .. } => {
                 Some(Ctx { packet: PacketType::Connect, version: None })
             }
-            PasswordWithoutUsername => {
+            PasswordWithoutUsername | EmptyClientIdWithoutCleanSession => {
                 Some(Ctx { packet: PacketType::Connect, version: Some(ProtocolVersion::V311) })
             }
             InvalidFlags { ctx, .. }
@@ -193,18 +197,25 @@ impl DecodeError {
 /// A packet that cannot be encoded.
 #[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
 pub enum EncodeError {
+    /// A UTF-8 string field over 65535 bytes.
     #[error("{packet}: string of {len} bytes exceeds 65535")]
     StringTooLong { packet: PacketType, len: usize },
+    /// A binary field (password, payload of a will, correlation data) over 65535 bytes.
     #[error("{packet}: binary data of {len} bytes exceeds 65535")]
     BinaryTooLong { packet: PacketType, len: usize },
+    /// The packet does not fit the 268,435,455 bytes a remaining length can express.
     #[error("{packet}: remaining length {len} exceeds {}", super::MAX_REMAINING_LENGTH)]
     PacketTooLarge { packet: PacketType, len: usize },
+    /// A subscription identifier (or property length) beyond 268,435,455.
     #[error("{packet}: value {value} does not fit a variable byte integer")]
-    VarIntTooLarge { packet: PacketType, value: u32 },
-    #[error("{packet}: QoS > 0 requires a non-zero packet identifier")]
+    VarIntTooLarge { packet: PacketType, value: usize },
+    /// A PUBLISH of QoS > 0 without packet identifier, or a packet identifier 0.
+    #[error("{packet}: missing or zero packet identifier")]
     MissingPacketId { packet: PacketType },
+    /// AUTH asked for in MQTT 3.1.1.
     #[error("{packet} does not exist in MQTT 3.1.1")]
     NotInVersion { packet: PacketType },
+    /// MQTT 3.1.1 CONNECT with a password but no user name.
     #[error("CONNECT (MQTT 3.1.1): a password requires a user name")]
     PasswordWithoutUsername,
 }

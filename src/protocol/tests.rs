@@ -229,6 +229,16 @@ fn connect_property_errors() {
 }
 
 #[test]
+fn connect_v311_empty_client_id_needs_clean_session() {
+    let e = err(&pkt(0x10, &connect_body(4, 0, &[0, 0])), None);
+    assert_eq!(e, DecodeError::EmptyClientIdWithoutCleanSession);
+    assert_eq!(reason::connack_v311_code(e.reason_code()), 2);
+    assert_eq!(e.connack_version(), Some(ProtocolVersion::V311));
+    // MQTT 5 lets the server assign one whatever Clean Start says.
+    assert!(matches!(ok(&pkt(0x10, &connect_body(5, 0, &[0, 0, 0])), None), Packet::Connect(_)));
+}
+
+#[test]
 fn connect_will_topic_must_be_a_topic_name() {
     let rest = [0, 0, 0, 1, b'#', 0, 0];
     let e = err(&pkt(0x10, &connect_body(4, 0x06, &rest)), None);
@@ -300,6 +310,12 @@ fn packet_too_large_is_refused_before_buffering() {
     let mut buf = BytesMut::from(&[0x10, 0xFF, 0x7F][..]);
     let e = decode(&mut buf, None, 100).unwrap_err();
     assert!(e.is_connect_error());
+    assert_eq!(e.reason_code(), 0x95);
+    assert_eq!(e.connack_version(), Some(ProtocolVersion::V311));
+    // A too large MQTT 5 CONNECT is answered in MQTT 5 once its level is buffered.
+    let mut buf = BytesMut::from(&[0x10, 0xFF, 0x7F, 0, 4, b'M', b'Q', b'T', b'T', 5][..]);
+    let e = decode(&mut buf, None, 100).unwrap_err();
+    assert_eq!(e.connack_version(), Some(ProtocolVersion::V5));
     assert_eq!(e.reason_code(), 0x95);
 }
 
@@ -561,6 +577,7 @@ fn subscribe_v5_options_and_errors() {
         (b"\x00\x01\x04\x0b\x01\x0b\x02\x00\x01a\x00", V5, 0x82), // twice
         (b"\x00\x00\x00\x01a\x00", V3, 0x82),                     // packet id 0
         (b"\x00\x01\x00\x01a", V3, 0x81),                         // options missing
+        (b"\x00\x01\x00\x00\x0a$share/g/a\x04", V5, 0x82),        // no local on a shared subscription
     ];
     for (body, v, code) in cases {
         let e = err(&pkt(0x82, body), *v);
@@ -678,6 +695,14 @@ fn encode_errors_append_nothing() {
         &Packet::Connect(Connect { protocol: ProtocolVersionOrDefault(ProtocolVersion::V5), ..c }),
         ProtocolVersion::V5,
     );
+    let mut props = PublishProperties::default();
+    props.subscription_identifiers.push(268_435_456);
+    let p = Packet::Publish(Publish { topic: "t".into(), properties: props, ..Default::default() });
+    assert_eq!(
+        encode(&p, ProtocolVersion::V5, &mut out),
+        Err(EncodeError::VarIntTooLarge { packet: PacketType::Publish, value: 268_435_456 })
+    );
+    assert_eq!(&out[..], b"xy");
     let big = Packet::Publish(Publish {
         topic: "t".into(),
         payload: Bytes::from(vec![0u8; MAX_REMAINING_LENGTH]),
@@ -748,7 +773,11 @@ fn round_trip_every_packet_both_versions() {
         let code = |c: u8| if v5 { c } else { 0 };
         let packets = vec![
             Packet::Connect(full_connect(v)),
-            Packet::Connect(Connect { protocol: ProtocolVersionOrDefault(v), ..Default::default() }),
+            Packet::Connect(Connect {
+                protocol: ProtocolVersionOrDefault(v),
+                clean_start: true,
+                ..Default::default()
+            }),
             Packet::ConnAck(ConnAck {
                 session_present: true,
                 reason_code: 0,
@@ -815,7 +844,7 @@ fn round_trip_every_packet_both_versions() {
                         "$share/g/#".into(),
                         SubscriptionOptions {
                             qos: QoS::AtLeastOnce,
-                            no_local: v5,
+                            no_local: false,
                             retain_as_published: v5,
                             retain_handling: if v5 {
                                 RetainHandling::SendIfNew
