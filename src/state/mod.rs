@@ -28,7 +28,17 @@
 //! - Wills published by apply reach persistent sessions' non-shared
 //!   subscriptions here; [`Event::Published`] hands them to the broker for
 //!   everyone else (non-persistent sessions, shared groups).
+//! - Retained messages for a new subscription are sent by the broker, or,
+//!   with `Subscribe.queue_retained`, delivered through the session here (so a
+//!   persistent session's packet ids all come from the state).
+//! - A new leader (or a restarted node) proposes `ResetConnections` before
+//!   serving: the snapshot still marks the sessions of lost connections online.
 //! - `Limits` are configuration, not state: every replica must use the same.
+//!
+//! Reading for the broker: [`State::session`] gives a [`Session`]; a
+//! connection sends `Session::inflight_after(last seen)` on each
+//! [`Event::Deliver`], resends all of `Session::inflight` (DUP, or PUBREL for
+//! `awaiting_pubcomp`) on resume, and reports acks in batched `Ack` commands.
 
 pub mod pb {
     //! Generated from proto/state.proto.
@@ -38,8 +48,10 @@ pub mod pb {
 
 mod session;
 mod snapshot;
+#[cfg(test)]
+mod tests;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use prost::Message as _;
@@ -129,7 +141,8 @@ pub struct Applied {
     /// Release: one entry, whether the packet id was recorded.
     pub existed: Vec<bool>,
     /// SessionOpen: QoS 0 messages queued while offline, removed from the
-    /// queue, to be sent once.
+    /// queue, to be sent once. Subscribe with `queue_retained`: the QoS 0
+    /// retained messages to send.
     pub qos0_to_send: Vec<Delivery>,
     /// Publish: the incoming QoS 2 packet id was already recorded, so the
     /// message was not routed again.
@@ -150,6 +163,9 @@ pub struct State {
     now_ms: u64,
     sessions: BTreeMap<String, Session>,
     retained: BTreeMap<String, Retained>,
+    /// (expires_at_ms, topic) of retained messages that expire, so a Tick
+    /// only looks at what is due. Derived; rebuilt on restore.
+    retained_expiry: BTreeSet<(u64, String)>,
     /// Persistent sessions' non-shared subscriptions: filter -> client id -> options.
     tree: SubscriptionTree<String, SubOptions>,
 }
@@ -199,6 +215,7 @@ impl State {
             now_ms: 0,
             sessions: BTreeMap::new(),
             retained: BTreeMap::new(),
+            retained_expiry: BTreeSet::new(),
             tree: SubscriptionTree::new(),
         }
     }
@@ -250,6 +267,7 @@ impl State {
             }
             Cmd::Ack(c) => self.ack(c, &mut out),
             Cmd::Tick(_) => self.tick(&mut out),
+            Cmd::ResetConnections(c) => self.reset_connections(c, &mut out),
         }
         Ok(out)
     }
@@ -286,7 +304,6 @@ impl State {
     }
 
     fn session_close(&mut self, c: &pb::SessionClose, out: &mut Applied) -> Result<(), StateError> {
-        let now = self.now_ms;
         let s = self
             .sessions
             .get_mut(&c.client_id)
@@ -298,10 +315,28 @@ impl State {
         if let Some(e) = c.session_expiry_s {
             s.session_expiry_s = e;
         }
+        self.go_offline(&c.client_id, c.publish_will, out);
+        Ok(())
+    }
+
+    /// Every online session goes offline now, as if its connection closed.
+    fn reset_connections(&mut self, c: &pb::ResetConnections, out: &mut Applied) {
+        let online: Vec<String> =
+            self.sessions.values().filter(|s| s.online).map(|s| s.client_id.clone()).collect();
+        for client_id in online {
+            self.go_offline(&client_id, c.publish_wills, out);
+        }
+    }
+
+    /// The session's connection is gone at now: schedule or fire or delete the
+    /// will, and end the session if its expiry is 0.
+    fn go_offline(&mut self, client_id: &str, publish_will: bool, out: &mut Applied) {
+        let now = self.now_ms;
+        let Some(s) = self.sessions.get_mut(client_id) else { return };
         s.online = false;
         s.disconnected_at_ms = now;
         let mut fire_now = false;
-        match (&s.will, c.publish_will) {
+        match (&s.will, publish_will) {
             (Some(w), true) => {
                 if w.delay_s == 0 {
                     fire_now = true;
@@ -313,12 +348,11 @@ impl State {
         }
         let ends = s.session_expiry_s == 0;
         if fire_now {
-            self.fire_will(&c.client_id, out);
+            self.fire_will(client_id, out);
         }
         if ends {
-            self.end_session(&c.client_id, out);
+            self.end_session(client_id, out);
         }
-        Ok(())
     }
 
     /// Removes a session and its tree entries; returns it.
@@ -375,16 +409,39 @@ impl State {
                 return Err(StateError::InvalidRetainHandling(sub.retain_handling));
             }
         }
-        let s = self
-            .sessions
-            .get_mut(&c.client_id)
-            .ok_or_else(|| StateError::UnknownSession(c.client_id.clone()))?;
+        let now = self.now_ms;
+        let State { sessions, tree, retained, limits, .. } = self;
+        let s =
+            sessions.get_mut(&c.client_id).ok_or_else(|| StateError::UnknownSession(c.client_id.clone()))?;
         for sub in &c.subscriptions {
             let existed = s.subscriptions.insert(sub.filter.clone(), sub.clone()).is_some();
-            if topic::parse_shared(&sub.filter).is_none() {
-                self.tree.insert(&sub.filter, c.client_id.clone(), SubOptions::from_pb(sub));
-            }
             out.existed.push(existed);
+            if topic::parse_shared(&sub.filter).is_some() {
+                continue;
+            }
+            tree.insert(&sub.filter, c.client_id.clone(), SubOptions::from_pb(sub));
+            let wanted = match sub.retain_handling {
+                0 => true,
+                1 => !existed,
+                _ => false,
+            };
+            if !(c.queue_retained && wanted) {
+                continue;
+            }
+            // Retained-on-subscribe copies always carry RETAIN=1.
+            let ids = if sub.subscription_id != 0 { vec![sub.subscription_id] } else { Vec::new() };
+            let sub_qos = sub.qos.min(2) as u8;
+            for r in retained_matching(retained, &sub.filter, now) {
+                let m = &r.message;
+                let msg_qos = m.qos.min(2) as u8;
+                if msg_qos.min(sub_qos) == 0 && s.online {
+                    let d =
+                        Delivery { message: m.clone(), qos: 0, retain: true, subscription_ids: ids.clone() };
+                    out.qos0_to_send.push(d);
+                } else {
+                    deliver(s, limits, m, msg_qos, sub_qos, true, ids.clone(), out);
+                }
+            }
         }
         Ok(())
     }
@@ -438,12 +495,16 @@ impl State {
         }
         if m.retain {
             if m.payload.is_empty() {
-                self.retained.remove(&m.topic);
+                self.remove_retained(&m.topic);
             } else {
-                self.retained.insert(m.topic.clone(), Retained { message: m.clone(), set_at_ms: now });
+                self.set_retained(Retained { message: m.clone(), set_at_ms: now });
             }
         }
         let msg_qos = m.qos.min(2) as u8;
+        if msg_qos == 0 && !self.limits.queue_qos0_offline {
+            // QoS 0 copies are never kept here: nothing to do.
+            return;
+        }
         let State { tree, sessions, limits, .. } = self;
 
         let mut targets: Vec<Target<'_>> = Vec::new();
@@ -460,18 +521,16 @@ impl State {
         });
         // Overlapping subscriptions of one session: one copy, max QoS, all ids.
         targets.sort_by(|a, b| a.client_id.cmp(b.client_id));
-        let mut merged: Vec<Target<'_>> = Vec::with_capacity(targets.len());
-        for t in targets {
-            match merged.last_mut() {
-                Some(last) if last.client_id == t.client_id => {
-                    last.qos = last.qos.max(t.qos);
-                    last.retain_as_published |= t.retain_as_published;
-                    last.ids.extend(t.ids);
-                }
-                _ => merged.push(t),
+        targets.dedup_by(|later, first| {
+            if later.client_id != first.client_id {
+                return false;
             }
-        }
-        for t in merged {
+            first.qos = first.qos.max(later.qos);
+            first.retain_as_published |= later.retain_as_published;
+            first.ids.append(&mut later.ids);
+            true
+        });
+        for t in targets {
             if let Some(s) = sessions.get_mut(t.client_id) {
                 deliver(s, limits, m, msg_qos, t.qos, t.retain_as_published, t.ids, out);
             }
@@ -557,7 +616,30 @@ impl State {
         for s in self.sessions.values_mut() {
             s.expire_queue(now);
         }
-        self.retained.retain(|_, r| !message_expired(&r.message, now));
+        while let Some((at, _)) = self.retained_expiry.first() {
+            if *at > now {
+                break;
+            }
+            if let Some((_, topic)) = self.retained_expiry.pop_first() {
+                self.retained.remove(&topic);
+            }
+        }
+    }
+
+    fn set_retained(&mut self, r: Retained) {
+        self.remove_retained(&r.message.topic);
+        if r.message.expires_at_ms != 0 {
+            self.retained_expiry.insert((r.message.expires_at_ms, r.message.topic.clone()));
+        }
+        self.retained.insert(r.message.topic.clone(), r);
+    }
+
+    fn remove_retained(&mut self, topic: &str) {
+        if let Some(old) = self.retained.remove(topic) {
+            if old.message.expires_at_ms != 0 {
+                self.retained_expiry.remove(&(old.message.expires_at_ms, old.message.topic.clone()));
+            }
+        }
     }
 
     pub fn session(&self, client_id: &str) -> Option<&Session> {
@@ -590,24 +672,7 @@ impl State {
     /// Retained messages matching a subscription filter, not expired at
     /// `now_ms`, in topic order. A shared filter gets none (MQTT 5 4.8.2).
     pub fn retained_matching(&self, filter: &str, now_ms: u64) -> Vec<&pb::Message> {
-        if filter.starts_with(topic::SHARED_PREFIX) {
-            return Vec::new();
-        }
-        let live = |r: &&Retained| !message_expired(&r.message, now_ms);
-        if !filter.contains(['+', '#']) {
-            return self.retained.get(filter).filter(live).map(|r| &*r.message).into_iter().collect();
-        }
-        // Only topics starting with the filter's literal levels can match.
-        let wild = filter.split('/').position(|l| l == "+" || l == "#").unwrap_or(0);
-        let prefix_len: usize = filter.split('/').take(wild).map(|l| l.len() + 1).sum();
-        // "a/#" also matches "a": compare without the trailing '/'.
-        let prefix = &filter[..prefix_len.saturating_sub(1)];
-        self.retained
-            .range::<str, _>((std::ops::Bound::Included(prefix), std::ops::Bound::Unbounded))
-            .take_while(|(t, _)| t.starts_with(prefix))
-            .filter(|(t, r)| live(r) && topic::matches(filter, t))
-            .map(|(_, r)| &*r.message)
-            .collect()
+        retained_matching(&self.retained, filter, now_ms).into_iter().map(|r| &*r.message).collect()
     }
 
     /// The canonical snapshot: sessions by client id, retained by topic.
@@ -643,6 +708,32 @@ impl State {
     pub fn digest(&self) -> [u8; 32] {
         Sha256::digest(self.snapshot_bytes()).into()
     }
+}
+
+/// Retained entries matching `filter`, live at `now_ms`, in topic order.
+fn retained_matching<'a>(
+    retained: &'a BTreeMap<String, Retained>,
+    filter: &str,
+    now_ms: u64,
+) -> Vec<&'a Retained> {
+    if filter.starts_with(topic::SHARED_PREFIX) {
+        return Vec::new();
+    }
+    let live = |r: &&Retained| !message_expired(&r.message, now_ms);
+    if !filter.contains(['+', '#']) {
+        return retained.get(filter).filter(live).into_iter().collect();
+    }
+    // Only topics starting with the filter's literal levels can match.
+    let wild = filter.split('/').position(|l| l == "+" || l == "#").unwrap_or(0);
+    let prefix_len: usize = filter.split('/').take(wild).map(|l| l.len() + 1).sum();
+    // "a/#" also matches "a": compare without the trailing '/'.
+    let prefix = &filter[..prefix_len.saturating_sub(1)];
+    retained
+        .range::<str, _>((std::ops::Bound::Included(prefix), std::ops::Bound::Unbounded))
+        .take_while(|(t, _)| t.starts_with(prefix))
+        .filter(|(t, r)| live(r) && topic::matches(filter, t))
+        .map(|(_, r)| r)
+        .collect()
 }
 
 /// Gives one session its copy of `m`: QoS 1/2 into the window while it has

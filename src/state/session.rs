@@ -101,6 +101,9 @@ pub struct Session {
     pub(crate) queued_bytes: usize,
     /// QoS 1/2 entries in `queue` (QoS 0 ones wait for the next SessionOpen).
     pub(crate) queued_qos12: usize,
+    /// Lower bound of the queue's expiry times (0 = nothing expires), so a
+    /// Tick skips queues with nothing due without scanning them.
+    pub(crate) queue_min_expiry: u64,
     pub(crate) incoming_qos2: BTreeSet<u16>,
     pub(crate) will: Option<pb::Will>,
     pub(crate) will_due_at_ms: u64,
@@ -127,6 +130,7 @@ impl Session {
             queue: VecDeque::new(),
             queued_bytes: 0,
             queued_qos12: 0,
+            queue_min_expiry: 0,
             incoming_qos2: BTreeSet::new(),
             will: None,
             will_due_at_ms: 0,
@@ -170,6 +174,20 @@ impl Session {
     /// In-flight entries in the order they entered the window (the resend order).
     pub fn inflight(&self) -> impl Iterator<Item = &InflightEntry> {
         self.inflight.values()
+    }
+
+    /// In-flight entries that entered the window after the one numbered
+    /// `after` (None = all), with their sequence numbers, in order. Lets a
+    /// connection send only what is new since its last wake-up. Sequence
+    /// numbers grow within one State; a State restored from a snapshot
+    /// numbers its entries afresh.
+    pub fn inflight_after(&self, after: Option<u64>) -> impl Iterator<Item = (u64, &InflightEntry)> {
+        use std::ops::Bound;
+        let from = match after {
+            Some(seq) => Bound::Excluded(seq),
+            None => Bound::Unbounded,
+        };
+        self.inflight.range((from, Bound::Unbounded)).map(|(&seq, e)| (seq, e))
     }
 
     pub fn inflight_len(&self) -> usize {
@@ -301,6 +319,10 @@ impl Session {
     /// Appends without checking limits (restore from a snapshot).
     pub(crate) fn push_queue(&mut self, d: Delivery) {
         self.queued_bytes += d.size();
+        let e = d.message.expires_at_ms;
+        if e != 0 && (self.queue_min_expiry == 0 || e < self.queue_min_expiry) {
+            self.queue_min_expiry = e;
+        }
         if d.qos > 0 {
             self.queued_qos12 += 1;
         }
@@ -369,10 +391,11 @@ impl Session {
 
     /// Drops expired messages from the queue.
     pub(crate) fn expire_queue(&mut self, now_ms: u64) {
-        if !self.queue.iter().any(|d| d.is_expired(now_ms)) {
+        if self.queue_min_expiry == 0 || self.queue_min_expiry > now_ms {
             return;
         }
         let mut kept = VecDeque::with_capacity(self.queue.len());
+        let mut min = 0;
         for d in self.queue.drain(..) {
             if d.is_expired(now_ms) {
                 self.queued_bytes -= d.size();
@@ -381,10 +404,15 @@ impl Session {
                 }
                 self.expired += 1;
             } else {
+                let e = d.message.expires_at_ms;
+                if e != 0 && (min == 0 || e < min) {
+                    min = e;
+                }
                 kept.push_back(d);
             }
         }
         self.queue = kept;
+        self.queue_min_expiry = min;
     }
 
     pub(crate) fn to_pb(&self) -> pb::SessionState {

@@ -96,15 +96,17 @@ pub(super) fn restore(snap: pb::Snapshot, limits: Limits) -> Result<State, State
             return Err(invalid(format!("duplicate session {id:?}")));
         }
     }
-    let mut retained = BTreeMap::new();
+    let mut st = State::new(limits);
+    st.now_ms = snap.now_ms;
+    st.sessions = sessions;
+    st.tree = tree;
     for r in snap.retained {
         let m = r.message.ok_or(StateError::MissingField("retained.message"))?;
         check_message(&m)?;
-        let topic = m.topic.clone();
-        if retained.insert(topic.clone(), Retained { message: Arc::new(m), set_at_ms: r.set_at_ms }).is_some()
-        {
-            return Err(invalid(format!("duplicate retained topic {topic:?}")));
+        if st.retained.contains_key(&m.topic) {
+            return Err(invalid(format!("duplicate retained topic {:?}", m.topic)));
         }
+        st.set_retained(Retained { message: Arc::new(m), set_at_ms: r.set_at_ms });
     }
-    Ok(State { limits, now_ms: snap.now_ms, sessions, retained, tree })
+    Ok(st)
 }
