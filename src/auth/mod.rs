@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-pub use passwd::{hash_password_pbkdf2, PasswordFile, PasswordHash};
+pub use passwd::{constant_time_eq, hash_password_pbkdf2, PasswordFile, PasswordHash};
 
 /// What the broker knows about a client when it asks [`Authenticator::authenticate`].
 #[derive(Debug, Clone, Copy)]

@@ -183,10 +183,7 @@ fn decision_codes() {
 fn auth_config_deserializes_from_mqtt_keys() {
     let cfg: AuthConfig =
         toml::from_str("allow_anonymous = false\npassword_file = \"/etc/raftmq/passwd\"\n").unwrap();
-    assert_eq!(
-        cfg,
-        AuthConfig { allow_anonymous: false, password_file: Some("/etc/raftmq/passwd".into()) }
-    );
+    assert_eq!(cfg, AuthConfig { allow_anonymous: false, password_file: Some("/etc/raftmq/passwd".into()) });
     let cfg: AuthConfig = toml::from_str("").unwrap();
     assert_eq!(cfg, AuthConfig::default());
 }

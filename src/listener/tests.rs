@@ -1,0 +1,552 @@
+//! Listener tests over real loopback sockets, with certificates made by rcgen.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::header::SEC_WEBSOCKET_PROTOCOL;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+
+use super::*;
+
+const DEADLINE: Duration = Duration::from_secs(10);
+
+async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(DEADLINE, fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out: {what}"),
+    }
+}
+
+/// What the handler saw about one connection.
+#[derive(Debug)]
+struct Seen {
+    kind: ListenerKind,
+    nodelay: bool,
+    client_certs: usize,
+    client_cn: Option<String>,
+    peer: SocketAddr,
+}
+
+struct Running {
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+    seen: mpsc::Receiver<Seen>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Runs `listener` with an echo handler that reports each connection on `seen`.
+fn start(listener: Listener) -> Running {
+    let addr = listener.local_addr();
+    let shutdown = CancellationToken::new();
+    let (tx, seen) = mpsc::channel(16);
+    let handler = move |mut stream: ClientStream, peer: SocketAddr| {
+        let tx = tx.clone();
+        async move {
+            let info = Seen {
+                kind: stream.kind(),
+                nodelay: stream.tcp().nodelay().unwrap_or(false),
+                client_certs: stream.peer_certificates().map_or(0, |c| c.len()),
+                client_cn: stream.peer_cert_common_name(),
+                peer,
+            };
+            let _ = tx.send(info).await;
+            let mut buf = vec![0u8; 4096];
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if stream.write_all(&buf[..n]).await.is_err() || stream.flush().await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            let _ = stream.shutdown().await;
+        }
+    };
+    let task = tokio::spawn(listener.run(handler, shutdown.clone()));
+    Running { addr, shutdown, seen, task }
+}
+
+fn cfg(kind: ListenerKind) -> ListenerConfig {
+    ListenerConfig {
+        name: format!("test-{}", kind.as_str()),
+        kind,
+        bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+        ..ListenerConfig::default()
+    }
+}
+
+/// A CA, a server certificate for localhost / 127.0.0.1 and a client certificate,
+/// written as PEM files into a temporary directory.
+struct Pki {
+    dir: tempfile::TempDir,
+    ca_der: CertificateDer<'static>,
+    client_chain: Vec<CertificateDer<'static>>,
+    client_key: PrivatePkcs8KeyDer<'static>,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(DnType::CommonName, "raftmq test CA");
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+
+        let server_key = KeyPair::generate().unwrap();
+        let mut server_params =
+            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
+        server_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let server_cert = server_params.signed_by(&server_key, &ca).unwrap();
+
+        let client_key = KeyPair::generate().unwrap();
+        let mut client_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        client_params.distinguished_name.push(DnType::CommonName, "client-1");
+        client_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let client_cert = client_params.signed_by(&client_key, &ca).unwrap();
+
+        std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
+        // Chain file: leaf then CA, as deployments usually have it.
+        std::fs::write(dir.path().join("server.pem"), format!("{}{}", server_cert.pem(), ca.pem())).unwrap();
+        std::fs::write(dir.path().join("server.key"), server_key.serialize_pem()).unwrap();
+        Pki {
+            ca_der: ca.der().clone(),
+            client_chain: vec![client_cert.der().clone()],
+            client_key: PrivatePkcs8KeyDer::from(client_key.serialize_der()),
+            dir,
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn listener_cfg(&self, kind: ListenerKind) -> ListenerConfig {
+        ListenerConfig {
+            cert_file: Some(self.path("server.pem")),
+            key_file: Some(self.path("server.key")),
+            ..cfg(kind)
+        }
+    }
+
+    fn connector(&self, with_client_cert: bool) -> tokio_rustls::TlsConnector {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca_der.clone()).unwrap();
+        let builder =
+            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots);
+        let config = if with_client_cert {
+            builder
+                .with_client_auth_cert(
+                    self.client_chain.clone(),
+                    PrivateKeyDer::Pkcs8(self.client_key.clone_key()),
+                )
+                .unwrap()
+        } else {
+            builder.with_no_client_auth()
+        };
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+    }
+}
+
+async fn tls_connect(
+    pki: &Pki,
+    addr: SocketAddr,
+    with_client_cert: bool,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    let name = ServerName::try_from("localhost").unwrap();
+    pki.connector(with_client_cert).connect(name, tcp).await
+}
+
+/// Writes `data` in the given pieces and reads the echo back.
+async fn echo_round_trip<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    s: &mut S,
+    pieces: &[&[u8]],
+) {
+    let expected: Vec<u8> = pieces.concat();
+    for piece in pieces {
+        within("write", s.write_all(piece)).await.unwrap();
+        within("flush", s.flush()).await.unwrap();
+    }
+    let mut got = vec![0u8; expected.len()];
+    within("read echo", s.read_exact(&mut got)).await.unwrap();
+    assert_eq!(got, expected);
+}
+
+#[tokio::test]
+async fn tcp_echo_through_run_with_nodelay() {
+    let listener = Listener::bind(&cfg(ListenerKind::Tcp)).await.unwrap();
+    assert_ne!(listener.local_addr().port(), 0);
+    let mut running = start(listener);
+    let mut client = TcpStream::connect(running.addr).await.unwrap();
+    echo_round_trip(&mut client, &[b"hello ", b"world"]).await;
+    let seen = within("handler", running.seen.recv()).await.unwrap();
+    assert_eq!(seen.kind, ListenerKind::Tcp);
+    assert!(seen.nodelay, "TCP_NODELAY set on accepted sockets");
+    assert_eq!(seen.peer, client.local_addr().unwrap());
+
+    // Shutdown ends run().
+    running.shutdown.cancel();
+    within("run() returns on shutdown", &mut running.task).await.unwrap();
+}
+
+#[tokio::test]
+async fn tls_server_only() {
+    let pki = Pki::new();
+    let listener = Listener::bind(&pki.listener_cfg(ListenerKind::Tls)).await.unwrap();
+    let mut running = start(listener);
+    let mut client = within("tls connect", tls_connect(&pki, running.addr, false)).await.unwrap();
+    echo_round_trip(&mut client, &[b"\x10\x0c", b"\x00\x04MQTT\x04\x02\x00\x3c\x00\x00"]).await;
+    let seen = within("handler", running.seen.recv()).await.unwrap();
+    assert_eq!(seen.kind, ListenerKind::Tls);
+    assert_eq!(seen.client_certs, 0);
+    assert!(seen.nodelay);
+}
+
+#[tokio::test]
+async fn tls_required_client_cert() {
+    let pki = Pki::new();
+    let cfg = ListenerConfig {
+        client_ca_file: Some(pki.path("ca.pem")),
+        require_client_cert: true,
+        ..pki.listener_cfg(ListenerKind::Tls)
+    };
+    let mut running = start(Listener::bind(&cfg).await.unwrap());
+
+    // Without a certificate: refused. With TLS 1.3 the client may finish its side of
+    // the handshake first; the server's refusal then shows on the first read.
+    match within("tls connect without cert", tls_connect(&pki, running.addr, false)).await {
+        Err(_) => {}
+        Ok(mut s) => {
+            let _ = s.write_all(b"ping").await;
+            let mut buf = [0u8; 4];
+            let r = within("read after refusal", s.read(&mut buf)).await;
+            assert!(matches!(r, Err(_) | Ok(0)), "server must refuse a client without certificate: {r:?}");
+        }
+    }
+
+    // With a certificate from the CA: accepted, and the handler sees it.
+    let mut client = within("tls connect with cert", tls_connect(&pki, running.addr, true)).await.unwrap();
+    echo_round_trip(&mut client, &[b"abc"]).await;
+    let seen = within("handler", running.seen.recv()).await.unwrap();
+    assert_eq!(seen.client_certs, 1);
+    assert_eq!(seen.client_cn.as_deref(), Some("client-1"));
+    // The refused client never reached the handler: the first connection handled is
+    // the one with a certificate.
+    assert_eq!(seen.peer, client.get_ref().0.local_addr().unwrap());
+}
+
+#[tokio::test]
+async fn tls_optional_client_cert() {
+    let pki = Pki::new();
+    let cfg = ListenerConfig {
+        client_ca_file: Some(pki.path("ca.pem")),
+        require_client_cert: false,
+        ..pki.listener_cfg(ListenerKind::Tls)
+    };
+    let mut running = start(Listener::bind(&cfg).await.unwrap());
+    let mut anonymous = within("connect without cert", tls_connect(&pki, running.addr, false)).await.unwrap();
+    echo_round_trip(&mut anonymous, &[b"x"]).await;
+    assert_eq!(within("handler", running.seen.recv()).await.unwrap().client_certs, 0);
+    let mut with_cert = within("connect with cert", tls_connect(&pki, running.addr, true)).await.unwrap();
+    echo_round_trip(&mut with_cert, &[b"y"]).await;
+    assert_eq!(within("handler", running.seen.recv()).await.unwrap().client_certs, 1);
+}
+
+fn ws_request(
+    url: &str,
+    protocols: Option<&str>,
+) -> tokio_tungstenite::tungstenite::handshake::client::Request {
+    let mut request = url.into_client_request().unwrap();
+    if let Some(p) = protocols {
+        request.headers_mut().insert(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_str(p).unwrap());
+    }
+    request
+}
+
+/// Sends `pieces` as separate binary frames and collects the echoed bytes, whatever
+/// the framing of the answer.
+async fn ws_echo<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>, pieces: &[&[u8]])
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let expected: Vec<u8> = pieces.concat();
+    for piece in pieces {
+        within("ws send", ws.send(Message::binary(piece.to_vec()))).await.unwrap();
+    }
+    let mut got = Vec::new();
+    while got.len() < expected.len() {
+        match within("ws receive", ws.next()).await {
+            Some(Ok(Message::Binary(b))) => got.extend_from_slice(&b),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(got, expected);
+}
+
+#[tokio::test]
+async fn websocket_mqtt_subprotocol_and_split_frames() {
+    let listener = Listener::bind(&cfg(ListenerKind::Ws)).await.unwrap();
+    let mut running = start(listener);
+    let url = format!("ws://{}/mqtt", running.addr);
+
+    let tcp = TcpStream::connect(running.addr).await.unwrap();
+    let (mut ws, response) =
+        within("ws handshake", tokio_tungstenite::client_async(ws_request(&url, Some("mqtt")), tcp))
+            .await
+            .unwrap();
+    assert_eq!(response.headers().get(SEC_WEBSOCKET_PROTOCOL).unwrap(), "mqtt");
+    // A CONNECT split over three frames, then a frame carrying two PINGREQs.
+    ws_echo(&mut ws, &[b"\x10", b"\x0c\x00\x04MQ", b"TT\x04\x02\x00\x3c\x00\x00", b"\xc0\x00\xc0\x00"]).await;
+    let seen = within("handler", running.seen.recv()).await.unwrap();
+    assert_eq!(seen.kind, ListenerKind::Ws);
+    assert!(seen.nodelay);
+    // Pings are answered and do not disturb the byte stream.
+    within("ws ping", ws.send(Message::Ping(b"hi".to_vec().into()))).await.unwrap();
+    match within("ws pong", ws.next()).await {
+        Some(Ok(Message::Pong(p))) => assert_eq!(&p[..], b"hi"),
+        other => panic!("expected a pong, got {other:?}"),
+    }
+    ws_echo(&mut ws, &[b"\xe0\x00"]).await;
+
+    // The older subprotocol name is answered too; "mqtt" wins when both are offered.
+    let tcp = TcpStream::connect(running.addr).await.unwrap();
+    let (_ws, response) = within(
+        "ws handshake mqttv3.1",
+        tokio_tungstenite::client_async(ws_request(&url, Some("mqttv3.1")), tcp),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.headers().get(SEC_WEBSOCKET_PROTOCOL).unwrap(), "mqttv3.1");
+    let tcp = TcpStream::connect(running.addr).await.unwrap();
+    let (_ws, response) = within(
+        "ws handshake both",
+        tokio_tungstenite::client_async(ws_request(&url, Some("mqttv3.1, mqtt")), tcp),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.headers().get(SEC_WEBSOCKET_PROTOCOL).unwrap(), "mqtt");
+}
+
+#[tokio::test]
+async fn websocket_text_frame_closes_the_stream() {
+    let mut running = start(Listener::bind(&cfg(ListenerKind::Ws)).await.unwrap());
+    let url = format!("ws://{}/", running.addr);
+    let tcp = TcpStream::connect(running.addr).await.unwrap();
+    let (mut ws, _) =
+        within("ws handshake", tokio_tungstenite::client_async(ws_request(&url, Some("mqtt")), tcp))
+            .await
+            .unwrap();
+    within("handler", running.seen.recv()).await.unwrap();
+    within("send text", ws.send(Message::text("not mqtt"))).await.unwrap();
+    // The handler's read fails, it shuts the stream down: the client sees a close.
+    match within("ws receive after text", ws.next()).await {
+        Some(Ok(Message::Close(_))) | None | Some(Err(_)) => {}
+        Some(Ok(other)) => panic!("no echo expected for a text frame, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn websocket_path_check() {
+    let cfg = ListenerConfig { path: Some("/mqtt".to_owned()), ..cfg(ListenerKind::Ws) };
+    let mut running = start(Listener::bind(&cfg).await.unwrap());
+
+    let tcp = TcpStream::connect(running.addr).await.unwrap();
+    let url = format!("ws://{}/other", running.addr);
+    match within("ws wrong path", tokio_tungstenite::client_async(ws_request(&url, Some("mqtt")), tcp)).await
+    {
+        Err(WsError::Http(response)) => assert_eq!(response.status(), 404),
+        other => panic!("expected a 404, got {other:?}"),
+    }
+
+    let tcp = TcpStream::connect(running.addr).await.unwrap();
+    let url = format!("ws://{}/mqtt", running.addr);
+    let (mut ws, _) =
+        within("ws right path", tokio_tungstenite::client_async(ws_request(&url, Some("mqtt")), tcp))
+            .await
+            .unwrap();
+    ws_echo(&mut ws, &[b"ok"]).await;
+    // Only the connection with the right path reached the handler.
+    let seen = within("handler", running.seen.recv()).await.unwrap();
+    assert_eq!(seen.kind, ListenerKind::Ws);
+    assert!(running.seen.try_recv().is_err());
+}
+
+#[tokio::test]
+async fn secure_websocket() {
+    let pki = Pki::new();
+    let cfg = ListenerConfig { path: Some("/mqtt".to_owned()), ..pki.listener_cfg(ListenerKind::Wss) };
+    let mut running = start(Listener::bind(&cfg).await.unwrap());
+    let tls = within("tls connect", tls_connect(&pki, running.addr, false)).await.unwrap();
+    let url = format!("wss://localhost:{}/mqtt", running.addr.port());
+    let (mut ws, response) =
+        within("wss handshake", tokio_tungstenite::client_async(ws_request(&url, Some("mqtt")), tls))
+            .await
+            .unwrap();
+    assert_eq!(response.headers().get(SEC_WEBSOCKET_PROTOCOL).unwrap(), "mqtt");
+    ws_echo(&mut ws, &[b"\x30\x07\x00\x01", b"t", b"hey"]).await;
+    let seen = within("handler", running.seen.recv()).await.unwrap();
+    assert_eq!(seen.kind, ListenerKind::Wss);
+    assert!(seen.nodelay);
+}
+
+#[tokio::test]
+async fn slow_handshake_does_not_block_other_clients_and_times_out() {
+    let pki = Pki::new();
+    let listener = Listener::bind(&pki.listener_cfg(ListenerKind::Tls))
+        .await
+        .unwrap()
+        .with_handshake_timeout(Duration::from_millis(300));
+    let mut running = start(listener);
+
+    // A client that connects and never starts TLS.
+    let mut stalled = TcpStream::connect(running.addr).await.unwrap();
+    // Meanwhile a normal client is served.
+    let mut client = within("tls connect", tls_connect(&pki, running.addr, false)).await.unwrap();
+    echo_round_trip(&mut client, &[b"fast"]).await;
+    within("handler", running.seen.recv()).await.unwrap();
+    // The stalled one is dropped once its handshake timeout passes.
+    let mut buf = [0u8; 1];
+    let r = within("stalled client closed", stalled.read(&mut buf)).await;
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    assert!(running.seen.try_recv().is_err(), "the stalled client never reached the handler");
+}
+
+#[tokio::test]
+async fn max_connections_per_listener() {
+    let cfg = ListenerConfig { max_connections: Some(1), ..cfg(ListenerKind::Tcp) };
+    let mut running = start(Listener::bind(&cfg).await.unwrap());
+    let mut first = TcpStream::connect(running.addr).await.unwrap();
+    echo_round_trip(&mut first, &[b"1"]).await;
+    within("handler", running.seen.recv()).await.unwrap();
+
+    // Over the limit: closed at once.
+    let mut second = TcpStream::connect(running.addr).await.unwrap();
+    let mut buf = [0u8; 1];
+    let r = within("second closed", second.read(&mut buf)).await;
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+
+    // Once the first ends, its slot is free again (the handler returns
+    // asynchronously, so retry until a deadline).
+    drop(first);
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let mut third = TcpStream::connect(running.addr).await.unwrap();
+        let ok = third.write_all(b"3").await.is_ok() && matches!(third.read(&mut buf).await, Ok(1));
+        if ok {
+            assert_eq!(&buf, b"3");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "slot never freed");
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test]
+async fn bad_pem_files_give_clear_errors() {
+    let pki = Pki::new();
+    let garbage = pki.path("garbage.pem");
+    std::fs::write(&garbage, "this is not PEM\n").unwrap();
+
+    let bad_cert = ListenerConfig { cert_file: Some(garbage.clone()), ..pki.listener_cfg(ListenerKind::Tls) };
+    let err = Listener::bind(&bad_cert).await.unwrap_err();
+    assert!(matches!(err, ListenerError::BadCertificate { .. }), "{err}");
+    assert!(err.to_string().contains(&garbage.display().to_string()), "{err}");
+    assert!(err.to_string().contains("certificate"), "{err}");
+
+    let bad_key = ListenerConfig { key_file: Some(garbage.clone()), ..pki.listener_cfg(ListenerKind::Wss) };
+    let err = Listener::bind(&bad_key).await.unwrap_err();
+    assert!(err.to_string().contains(&garbage.display().to_string()), "{err}");
+    assert!(err.to_string().contains("private key"), "{err}");
+
+    let missing = pki.path("missing.pem");
+    let no_file = ListenerConfig { cert_file: Some(missing.clone()), ..pki.listener_cfg(ListenerKind::Tls) };
+    let err = Listener::bind(&no_file).await.unwrap_err();
+    assert!(matches!(err, ListenerError::ReadFile { .. }), "{err}");
+    assert!(err.to_string().contains(&missing.display().to_string()), "{err}");
+
+    // The CA file as key: a key that does not match the certificate.
+    let other_key = pki.path("other.key");
+    std::fs::write(&other_key, KeyPair::generate().unwrap().serialize_pem()).unwrap();
+    let mismatched = ListenerConfig { key_file: Some(other_key), ..pki.listener_cfg(ListenerKind::Tls) };
+    let err = Listener::bind(&mismatched).await.unwrap_err();
+    assert!(err.to_string().contains("server.pem"), "{err}");
+
+    let bad_ca =
+        ListenerConfig { client_ca_file: Some(garbage.clone()), ..pki.listener_cfg(ListenerKind::Tls) };
+    let err = Listener::bind(&bad_ca).await.unwrap_err();
+    assert!(err.to_string().contains(&garbage.display().to_string()), "{err}");
+
+    let no_cert = ListenerConfig { cert_file: None, ..pki.listener_cfg(ListenerKind::Tls) };
+    let err = Listener::bind(&no_cert).await.unwrap_err();
+    assert!(matches!(err, ListenerError::MissingSetting { key: "cert_file", .. }), "{err}");
+
+    let no_ca = ListenerConfig { require_client_cert: true, ..pki.listener_cfg(ListenerKind::Tls) };
+    let err = Listener::bind(&no_ca).await.unwrap_err();
+    assert!(matches!(err, ListenerError::MissingSetting { key: "client_ca_file", .. }), "{err}");
+}
+
+#[tokio::test]
+async fn port_in_use_is_a_bind_error() {
+    let first = Listener::bind(&cfg(ListenerKind::Tcp)).await.unwrap();
+    let taken = ListenerConfig { bind: first.local_addr(), ..cfg(ListenerKind::Tcp) };
+    let err = Listener::bind(&taken).await.unwrap_err();
+    assert!(matches!(err, ListenerError::Bind { .. }), "{err}");
+    assert!(err.to_string().contains(&first.local_addr().to_string()), "{err}");
+}
+
+#[test]
+fn listener_config_from_toml() {
+    #[derive(Deserialize)]
+    struct File {
+        listeners: Vec<ListenerConfig>,
+    }
+    let file: File = toml::from_str(
+        r#"
+        [[listeners]]
+        name = "default"
+        kind = "tcp"
+        bind = "127.0.0.1:1883"
+
+        [[listeners]]
+        name = "secure-ws"
+        kind = "wss"
+        bind = "0.0.0.0:8884"
+        cert_file = "server.pem"
+        key_file = "server.key"
+        client_ca_file = "ca.pem"
+        require_client_cert = true
+        path = "/mqtt"
+        max_connections = 500
+        "#,
+    )
+    .unwrap();
+    assert_eq!(file.listeners[0], ListenerConfig::default());
+    let wss = &file.listeners[1];
+    assert_eq!(wss.kind, ListenerKind::Wss);
+    assert_eq!(wss.bind, SocketAddr::from(([0, 0, 0, 0], 8884)));
+    assert_eq!(wss.client_ca_file.as_deref(), Some(std::path::Path::new("ca.pem")));
+    assert!(wss.require_client_cert);
+    assert_eq!(wss.path.as_deref(), Some("/mqtt"));
+    assert_eq!(wss.max_connections, Some(500));
+
+    assert!(toml::from_str::<ListenerConfig>("kind = \"quic\"").is_err());
+    assert!(toml::from_str::<ListenerConfig>("bind = \"127.0.0.1:1\"\ntypo = 1").is_err());
+}
