@@ -945,11 +945,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
                 }
             }
             Action::SubAck { ack, retained } => {
-                let existed = match reply {
-                    Some(Ok(a)) => a.existed,
-                    _ => Vec::new(),
+                let (existed, qos0) = match reply {
+                    Some(Ok(a)) => (a.existed, a.qos0_to_send),
+                    _ => (Vec::new(), Vec::new()),
                 };
                 self.send(&Packet::SubAck(ack));
+                // Retained copies State delivered (QoS 0 here, QoS 1/2 in its window).
+                for d in qos0 {
+                    let msg = Arc::new(message_from_pb(&d.message, 0));
+                    self.held.push_back(Delivery {
+                        msg,
+                        qos: QoS::AtMostOnce,
+                        retain: d.retain,
+                        sub_ids: d.subscription_ids,
+                    });
+                }
+                if self.managed {
+                    self.scan_state();
+                }
                 self.send_retained(retained, &existed);
             }
             Action::UnsubAck(u) => self.send(&Packet::UnsubAck(u)),
@@ -1096,7 +1109,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             } else {
                 None
             };
-            if !shared && opts.retain_handling != RetainHandling::DoNotSend {
+            // Persistent sessions get State's retained messages through State
+            // (`queue_retained`, so packet ids come from State); `$SYS` is ours.
+            let wants_retained = !shared && opts.retain_handling != RetainHandling::DoNotSend;
+            if wants_retained && (!self.managed || filter.starts_with('$')) {
                 retained.push(RetainReq {
                     filter,
                     opts,
@@ -1115,6 +1131,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             cmd: Some(pb::command::Cmd::Subscribe(pb::Subscribe {
                 client_id: self.client_id.to_string(),
                 subscriptions: state_subs,
+                queue_retained: true,
             })),
         };
         self.propose(cmd, Action::SubAck { ack, retained })?;
@@ -1136,7 +1153,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
                 continue;
             }
             let sub_ids: Vec<u32> = r.sub_id.into_iter().collect();
-            let msgs: Vec<Message> = {
+            let msgs: Vec<Message> = if self.managed {
+                Vec::new()
+            } else {
                 let st = self.inner.state.read();
                 st.retained_matching(&r.filter, now).into_iter().map(|m| message_from_pb(m, 0)).collect()
             };

@@ -183,7 +183,16 @@ impl Broker {
                 sys_retained: Mutex::new(Vec::new()),
             }
         });
-        inner.restore_sessions();
+        if inner.restore_sessions() {
+            // The State came from a snapshot: connections it marks online are
+            // gone; end them as abnormal disconnects before anyone connects
+            // (first in the pipeline's FIFO).
+            let reset = pb::ResetConnections { publish_wills: true };
+            let cmd = pb::Command { cmd: Some(pb::command::Cmd::ResetConnections(reset)) };
+            if inner.pipeline.try_submit(cmd).is_err() {
+                tracing::warn!("could not queue ResetConnections");
+            }
+        }
         tokio::spawn(ack_task(Arc::downgrade(&inner), ack_rx));
         tokio::spawn(housekeeping(Arc::downgrade(&inner)));
         if inner.config.sys_interval > 0 {
@@ -321,7 +330,8 @@ impl Inner {
     /// Makes the router and the registry match the sessions State holds (a
     /// State restored from a snapshot, or a new leader): offline mailboxes
     /// with every stored subscription.
-    fn restore_sessions(&self) {
+    /// Returns true when State held sessions.
+    fn restore_sessions(&self) -> bool {
         let st = self.state.read();
         let mut reg = self.registry.lock();
         let mut router = self.router.write();
@@ -352,6 +362,7 @@ impl Inner {
                 mb.add_filter(&sub.filter);
             }
         }
+        st.session_count() > 0
     }
 
     /// Removes every router entry of a session.

@@ -688,6 +688,41 @@ async fn will_delay_is_cancelled_by_resume_and_fires_after_the_delay() {
 }
 
 #[tokio::test]
+async fn persistent_session_gets_retained_through_state() {
+    let b = broker();
+    let mut p = connect(&b, V5, "pub").await;
+    p.pub_msg("r/a", b"q1", QoS::AtLeastOnce, 1, true).await;
+    p.pub_msg("r/b", b"q0", QoS::AtMostOnce, 0, true).await;
+    let (mut s, _) = connect_persistent(&b, "ps", true).await;
+    s.send(Packet::Subscribe(Subscribe {
+        packet_id: 4,
+        filters: vec![("r/#".into(), SubscriptionOptions { qos: QoS::AtLeastOnce, ..Default::default() })],
+        ..Default::default()
+    }))
+    .await;
+    let mut got = Vec::new();
+    let mut suback = false;
+    while got.len() < 2 || !suback {
+        match s.recv().await {
+            Some(Packet::SubAck(a)) => {
+                assert_eq!(a.reason_codes, vec![1]);
+                suback = true;
+            }
+            Some(Packet::Publish(m)) => {
+                assert!(m.retain);
+                got.push((m.topic.clone(), m.qos));
+                if let Some(id) = m.packet_id {
+                    s.send(Packet::PubAck(PubResp::new(id))).await;
+                }
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    got.sort();
+    assert_eq!(got, vec![("r/a".to_string(), QoS::AtLeastOnce), ("r/b".to_string(), QoS::AtMostOnce)]);
+}
+
+#[tokio::test]
 async fn shutdown_sends_0x8b() {
     let b = broker();
     let mut c = connect(&b, V5, "c").await;
