@@ -7,6 +7,25 @@
 //! It must not touch sockets' transport details (listener), credentials
 //! storage (auth) or the internals of State: every replicated change is a
 //! `state::pb::Command` proposed through the pipeline.
+//!
+//! Documented choices:
+//! - A session is *managed* (lives in State) when it is persistent (3.1.1
+//!   clean session 0, MQTT 5 session expiry > 0) or resumes a stored session;
+//!   other sessions never touch the pipeline unless they publish a retained
+//!   message or reach a persistent subscriber.
+//! - A non-persistent session ends with its connection, so its will is
+//!   published at once whatever its Will Delay Interval (MQTT 5 3.1.3.2.2:
+//!   delay or session end, whichever comes first). Managed sessions' wills and
+//!   delays are State's (SessionClose `publish_will`, Tick).
+//! - Slow consumers: a connection's fast-path outbox holds `outbox_capacity`
+//!   messages (QoS 1/2 copies may use `max_queued_messages` more); beyond, the
+//!   copy is dropped for that client and counted. Publishers never wait.
+//! - The server does not use topic aliases towards clients (allowed by MQTT 5).
+//! - Retained messages for a persistent session's new subscription are
+//!   delivered through State (`Subscribe.queue_retained`), so its packet ids
+//!   all come from State; `$SYS` values are kept here and sent as retained.
+//! - Authorization: `can_publish` and `can_subscribe` are called;
+//!   `can_receive` is not called yet (the default allows everything).
 
 mod connection;
 pub mod metrics;
