@@ -37,7 +37,7 @@ use crate::state::{pb, Applied};
 use crate::topic;
 
 use super::metrics::Metrics;
-use super::pipeline::{now_ms, Reply};
+use super::pipeline::{now_ms, Reply, TrySubmitError};
 use super::router::{split_shared, SubValue, Target};
 use super::session::{flag, Delivery, Mailbox, Message};
 use super::{message_from_pb, publish_command, AckMsg, Inner, CONNECT_TIMEOUT, TAKEOVER_TIMEOUT};
@@ -129,27 +129,40 @@ impl Close {
 type Step = Result<(), Close>;
 
 /// Serves one connection (see the module docs).
-pub(crate) async fn serve<S>(inner: Arc<Inner>, stream: S, peer: SocketAddr)
+/// Not an `async fn`: the stream and the CONNECT phase go into one box at
+/// once, so the caller's task keeps only a few pointers for the connection's
+/// lifetime (idle connections are counted in bytes).
+pub(crate) fn serve<S>(
+    inner: Arc<Inner>,
+    stream: S,
+    peer: SocketAddr,
+) -> impl Future<Output = ()> + Send + 'static
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let metrics = inner.metrics.clone();
     Metrics::inc(&metrics.connections_open);
     Metrics::inc(&metrics.connections_total);
-    let mut io = Io { stream, rbuf: BytesMut::new(), wbuf: BytesMut::new(), version: ProtocolVersion::V311 };
-    // The CONNECT phase is boxed: its (large) future is freed once the client
-    // is accepted, so the long-lived task stays small.
-    let conn = Box::pin(async move {
-        match tokio::time::timeout(CONNECT_TIMEOUT, read_connect(&inner, &mut io)).await {
-            Ok(Some(connect)) => accept(inner, io, connect, peer).await,
-            _ => None,
+    let io = Io { stream, rbuf: BytesMut::new(), wbuf: BytesMut::new(), version: ProtocolVersion::V311 };
+    // The CONNECT phase is boxed: its future is freed once the client is accepted.
+    let connect = Box::pin(connect_phase(inner, io, peer));
+    async move {
+        if let Some(conn) = connect.await {
+            conn.run().await;
         }
-    })
-    .await;
-    if let Some(conn) = conn {
-        conn.run().await;
+        Metrics::dec(&metrics.connections_open);
     }
-    Metrics::dec(&metrics.connections_open);
+}
+
+async fn connect_phase<S>(inner: Arc<Inner>, mut io: Io<S>, peer: SocketAddr) -> Option<Box<Conn<S>>>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let connect = match tokio::time::timeout(CONNECT_TIMEOUT, read_connect(&inner, &mut io)).await {
+        Ok(Some(connect)) => connect,
+        _ => return None,
+    };
+    Box::pin(accept(inner, io, connect, peer)).await
 }
 
 /// Reads the first packet, which must be CONNECT. Answers a CONNECT that
@@ -175,7 +188,7 @@ async fn read_connect<S: AsyncRead + AsyncWrite + Unpin>(inner: &Inner, io: &mut
                         || code == reason::UNSUPPORTED_PROTOCOL_VERSION
                         || code == reason::CLIENT_IDENTIFIER_NOT_VALID
                     {
-                        refuse(inner, io, code).await;
+                        Box::pin(refuse(inner, io, code)).await;
                     }
                 }
                 return None;
@@ -245,7 +258,7 @@ enum Action {
 
 enum Stage {
     /// The pipeline queue was full: not yet proposed (later ones wait behind it).
-    Unsent(pb::Command),
+    Unsent(Box<pb::Command>),
     Waiting(oneshot::Receiver<Reply>),
     /// Applied (or nothing to apply: `None`).
     Done(Option<Result<Reply, oneshot::error::RecvError>>),
@@ -254,6 +267,12 @@ enum Stage {
 struct Pending {
     stage: Stage,
     action: Action,
+}
+
+#[derive(Clone, Copy)]
+enum EvKind {
+    Read,
+    Other,
 }
 
 enum Ev {
@@ -323,16 +342,20 @@ where
 {
     let version = c.protocol.0;
     io.version = version;
+    if io.rbuf.is_empty() {
+        // Do not keep the CONNECT's read chunk alive for the connection's lifetime.
+        io.rbuf = BytesMut::new();
+    }
     let cfg = &inner.config;
     let v5 = version.is_v5();
     if v5 && c.properties.authentication_method.is_some() {
-        refuse(&inner, &mut io, reason::BAD_AUTHENTICATION_METHOD).await;
+        Box::pin(refuse(&inner, &mut io, reason::BAD_AUTHENTICATION_METHOD)).await;
         return None;
     }
     let mut assigned = None;
     let client_id: String = if c.client_id.is_empty() {
         if !v5 && !c.clean_start {
-            refuse(&inner, &mut io, reason::CLIENT_IDENTIFIER_NOT_VALID).await;
+            Box::pin(refuse(&inner, &mut io, reason::CLIENT_IDENTIFIER_NOT_VALID)).await;
             return None;
         }
         let id = random_client_id();
@@ -350,16 +373,16 @@ where
         peer,
     });
     if decision != AuthDecision::Allow {
-        refuse(&inner, &mut io, decision.reason_code()).await;
+        Box::pin(refuse(&inner, &mut io, decision.reason_code())).await;
         return None;
     }
     if inner.shutting_down.load(Ordering::Relaxed) {
-        refuse(&inner, &mut io, reason::SERVER_UNAVAILABLE).await;
+        Box::pin(refuse(&inner, &mut io, reason::SERVER_UNAVAILABLE)).await;
         return None;
     }
     if Metrics::get(&inner.metrics.clients_connected) >= cfg.max_connections as u64 {
         Metrics::inc(&inner.metrics.connections_refused);
-        refuse(&inner, &mut io, reason::QUOTA_EXCEEDED).await;
+        Box::pin(refuse(&inner, &mut io, reason::QUOTA_EXCEEDED)).await;
         return None;
     }
 
@@ -389,8 +412,8 @@ where
                 Err(rx) => rx,
             }
         };
-        if tokio::time::timeout(TAKEOVER_TIMEOUT, wait).await.is_err() {
-            refuse(&inner, &mut io, reason::SERVER_BUSY).await;
+        if Box::pin(tokio::time::timeout(TAKEOVER_TIMEOUT, wait)).await.is_err() {
+            Box::pin(refuse(&inner, &mut io, reason::SERVER_BUSY)).await;
             return None;
         }
     };
@@ -412,7 +435,9 @@ where
             will,
             connection_id: conn_id,
         };
-        match inner.pipeline.propose(pb::Command { cmd: Some(pb::command::Cmd::SessionOpen(open)) }).await {
+        match Box::pin(inner.pipeline.propose(pb::Command { cmd: Some(pb::command::Cmd::SessionOpen(open)) }))
+            .await
+        {
             Ok(applied) => {
                 session_present = applied.session_present;
                 qos0 = applied.qos0_to_send;
@@ -420,7 +445,7 @@ where
             Err(e) => {
                 tracing::warn!(client_id, error = %e, "session open failed");
                 detach_and_forget(&inner, &mailbox, conn_id, true);
-                refuse(&inner, &mut io, reason::UNSPECIFIED_ERROR).await;
+                Box::pin(refuse(&inner, &mut io, reason::UNSPECIFIED_ERROR)).await;
                 return None;
             }
         }
@@ -430,7 +455,9 @@ where
     } else if state_has {
         // A clean, non-persistent session replaces a stored one.
         let rm = pb::SessionRemove { client_id: client_id.clone() };
-        let _ = inner.pipeline.propose(pb::Command { cmd: Some(pb::command::Cmd::SessionRemove(rm)) }).await;
+        let _ =
+            Box::pin(inner.pipeline.propose(pb::Command { cmd: Some(pb::command::Cmd::SessionRemove(rm)) }))
+                .await;
         if was_persistent {
             Metrics::dec(&inner.metrics.sessions_persistent);
         }
@@ -580,6 +607,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
     async fn main_loop(&mut self) -> Close {
         loop {
             let ev = poll_fn(|cx| self.poll_event(cx)).await;
+            let ev_kind = if matches!(ev, Ev::Read) { EvKind::Read } else { EvKind::Other };
             let step = match ev {
                 Ev::Read => self.on_read(),
                 Ev::Mailbox(f) => self.on_mailbox(f),
@@ -588,6 +616,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             };
             if let Err(c) = step {
                 return c;
+            }
+            if matches!(ev_kind, EvKind::Read) {
+                // Let the subscribers this input woke run before reading more
+                // (they usually sit in this worker's LIFO slot), so a fast
+                // publisher does not overrun their bounded outboxes.
+                tokio::task::yield_now().await;
             }
             if self.unsent > 0 {
                 if let Err(c) = Box::pin(self.submit_unsent()).await {
@@ -609,7 +643,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         for p in self.pending.iter_mut() {
             if let Stage::Unsent(_) = &p.stage {
                 let Stage::Unsent(cmd) = std::mem::replace(&mut p.stage, Stage::Done(None)) else { continue };
-                match self.inner.pipeline.submit(cmd).await {
+                match self.inner.pipeline.submit(*cmd).await {
                     Ok(rx) => p.stage = Stage::Waiting(rx),
                     Err(_) => return Err(Close::server(reason::SERVER_UNAVAILABLE, "state pipeline closed")),
                 }
@@ -623,15 +657,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
     fn propose(&mut self, cmd: pb::Command, action: Action) -> Step {
         let stage = if self.unsent > 0 {
             self.unsent += 1;
-            Stage::Unsent(cmd)
+            Stage::Unsent(Box::new(cmd))
         } else {
             match self.inner.pipeline.try_submit(cmd) {
                 Ok(rx) => Stage::Waiting(rx),
-                Err(Some(cmd)) => {
+                Err(TrySubmitError::Full(cmd)) => {
                     self.unsent += 1;
                     Stage::Unsent(cmd)
                 }
-                Err(None) => return Err(Close::server(reason::SERVER_UNAVAILABLE, "state pipeline closed")),
+                Err(TrySubmitError::Closed) => {
+                    return Err(Close::server(reason::SERVER_UNAVAILABLE, "state pipeline closed"))
+                }
             }
         };
         self.pending.push_back(Pending { stage, action });
@@ -909,11 +945,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
                 }
             }
             Action::SubAck { ack, retained } => {
-                let existed = match reply {
-                    Some(Ok(a)) => a.existed,
-                    _ => Vec::new(),
+                let (existed, qos0) = match reply {
+                    Some(Ok(a)) => (a.existed, a.qos0_to_send),
+                    _ => (Vec::new(), Vec::new()),
                 };
                 self.send(&Packet::SubAck(ack));
+                // Retained copies State delivered (QoS 0 here, QoS 1/2 in its window).
+                for d in qos0 {
+                    let msg = Arc::new(message_from_pb(&d.message, 0));
+                    self.held.push_back(Delivery {
+                        msg,
+                        qos: QoS::AtMostOnce,
+                        retain: d.retain,
+                        sub_ids: d.subscription_ids,
+                    });
+                }
+                if self.managed {
+                    self.scan_state();
+                }
                 self.send_retained(retained, &existed);
             }
             Action::UnsubAck(u) => self.send(&Packet::UnsubAck(u)),
@@ -1060,7 +1109,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             } else {
                 None
             };
-            if !shared && opts.retain_handling != RetainHandling::DoNotSend {
+            // Persistent sessions get State's retained messages through State
+            // (`queue_retained`, so packet ids come from State); `$SYS` is ours.
+            let wants_retained = !shared && opts.retain_handling != RetainHandling::DoNotSend;
+            if wants_retained && (!self.managed || filter.starts_with('$')) {
                 retained.push(RetainReq {
                     filter,
                     opts,
@@ -1079,7 +1131,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             cmd: Some(pb::command::Cmd::Subscribe(pb::Subscribe {
                 client_id: self.client_id.to_string(),
                 subscriptions: state_subs,
-                ..Default::default()
+                queue_retained: true,
             })),
         };
         self.propose(cmd, Action::SubAck { ack, retained })?;
@@ -1101,7 +1153,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
                 continue;
             }
             let sub_ids: Vec<u32> = r.sub_id.into_iter().collect();
-            let msgs: Vec<Message> = {
+            let msgs: Vec<Message> = if self.managed {
+                Vec::new()
+            } else {
                 let st = self.inner.state.read();
                 st.retained_matching(&r.filter, now).into_iter().map(|m| message_from_pb(m, 0)).collect()
             };
@@ -1402,7 +1456,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         // Proposals still in flight are applied anyway; their fast-path copies still go out.
         while let Some(p) = self.pending.pop_front() {
             let reply = match p.stage {
-                Stage::Unsent(cmd) => match self.inner.pipeline.propose(cmd).await {
+                Stage::Unsent(cmd) => match self.inner.pipeline.propose(*cmd).await {
                     Ok(a) => Ok(a),
                     Err(super::PipelineError::State(e)) => Err(e),
                     Err(super::PipelineError::Closed) => break,

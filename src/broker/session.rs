@@ -138,14 +138,17 @@ impl Mailbox {
         self.online.load(Ordering::Relaxed)
     }
 
-    /// Offers a fast-path delivery; never blocks.
-    pub fn push(&self, d: Delivery, capacity: usize) -> Push {
+    /// Offers a fast-path delivery; never blocks. QoS 0 copies fit while the
+    /// outbox holds fewer than `capacity`; QoS 1/2 copies while it holds fewer
+    /// than `capacity_qos12` (they may also use the session's queue allowance).
+    pub fn push(&self, d: Delivery, capacity: usize, capacity_qos12: usize) -> Push {
         let waker = {
             let mut g = self.inner.lock();
             if g.conn_id == 0 {
                 return Push::Offline;
             }
-            if g.items.len() >= capacity {
+            let cap = if d.qos == QoS::AtMostOnce { capacity } else { capacity_qos12 };
+            if g.items.len() >= cap {
                 return Push::Full;
             }
             g.items.push_back(d);
@@ -289,14 +292,17 @@ mod tests {
     #[test]
     fn offline_and_full_mailboxes_drop() {
         let m = Mailbox::new("c".into());
-        assert_eq!(m.push(d(), 2), Push::Offline);
+        assert_eq!(m.push(d(), 2, 3), Push::Offline);
         assert!(m.attach(7).is_ok());
-        assert_eq!(m.push(d(), 2), Push::Queued);
-        assert_eq!(m.push(d(), 2), Push::Queued);
-        assert_eq!(m.push(d(), 2), Push::Full);
+        assert_eq!(m.push(d(), 2, 3), Push::Queued);
+        assert_eq!(m.push(d(), 2, 3), Push::Queued);
+        assert_eq!(m.push(d(), 2, 3), Push::Full);
+        let mut q1 = d();
+        q1.qos = QoS::AtLeastOnce;
+        assert_eq!(m.push(q1, 2, 3), Push::Queued);
         let mut out = VecDeque::new();
         m.drain(&mut out, 10);
-        assert_eq!(out.len(), 2);
+        assert_eq!(out.len(), 3);
     }
 
     #[test]
