@@ -350,3 +350,61 @@ async fn shared_subscription_persistent_member_queues_when_offline() {
     assert!(sp);
     assert_eq!(m.expect_pub().await.payload, b"for-the-group");
 }
+
+#[tokio::test]
+async fn resume_with_smaller_receive_maximum() {
+    let b = Broker::start().await;
+    let conn = |rm: u16| Conn::v5("rmres").clean(false).expiry(60).prop(Prop::U16(RECEIVE_MAXIMUM, rm));
+    let (mut s, _) = RawClient::connect_ok(b.addr, &conn(10)).await;
+    s.sub("rmres/t", 1).await;
+    s.disconnect().await;
+    let (mut p, _) = RawClient::connect_ok(b.addr, &Conn::v5("rmres-pub")).await;
+    for i in 0..5u16 {
+        p.publish_acked(&Pub::new("rmres/t", format!("{i}").as_bytes(), 1).pid(i + 1)).await;
+    }
+    let (mut s, sp) = RawClient::connect_ok(b.addr, &conn(2)).await;
+    assert!(sp);
+    let m0 = s.expect_pub().await;
+    let m1 = s.expect_pub().await;
+    s.expect_nothing(Duration::from_millis(500)).await;
+    let mut got = vec![m0.payload.clone(), m1.payload.clone()];
+    s.send(&puback(m0.pid.unwrap_or(0))).await;
+    s.send(&puback(m1.pid.unwrap_or(0))).await;
+    for _ in 0..3 {
+        got.push(s.recv_pub_auto().await.payload);
+    }
+    let want: Vec<Vec<u8>> = (0..5).map(|i: u8| vec![b'0' + i]).collect();
+    assert_eq!(got, want, "in order, never more than 2 unacknowledged");
+}
+
+#[tokio::test]
+async fn several_inflight_resent_in_order_with_same_ids() {
+    let b = Broker::start().await;
+    for v5 in [false, true] {
+        let id = format!("multi-{v5}");
+        let (mut s, _) = RawClient::connect_ok(b.addr, &persistent(v5, &id)).await;
+        s.sub("multi/t", 1).await;
+        let (mut p, _) = RawClient::connect_ok(b.addr, &Conn::version(v5, "multi-pub")).await;
+        for i in 0..3u16 {
+            p.publish_acked(&Pub::new("multi/t", format!("{i}").as_bytes(), 1).pid(i + 1)).await;
+        }
+        let mut first = Vec::new();
+        for _ in 0..3 {
+            let m = s.expect_pub().await;
+            first.push((m.pid, m.payload));
+        }
+        drop(s);
+        let (mut s, _) = RawClient::connect_ok(b.addr, &resume(v5, &id)).await;
+        let mut again = Vec::new();
+        for _ in 0..3 {
+            let m = s.expect_pub().await;
+            assert!(m.dup, "v5={v5}: resent with DUP");
+            again.push((m.pid, m.payload));
+        }
+        assert_eq!(again, first, "v5={v5}: same ids, same order");
+        for (pid, _) in &again {
+            s.send(&puback(pid.unwrap_or(0))).await;
+        }
+        s.ping().await;
+    }
+}
