@@ -10,5 +10,7 @@ pub mod config;
 pub mod listener;
 pub mod node;
 pub mod protocol;
+pub mod raft;
 pub mod state;
+pub mod storage;
 pub mod topic;
