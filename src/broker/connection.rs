@@ -418,6 +418,7 @@ where
         }
     };
     let client_key = mailbox.client_id.clone();
+    mailbox.set_username(c.username.as_deref().map(Box::from));
 
     let state_has = inner.state.read().session(&client_id).is_some();
     let managed = persistent || (state_has && !c.clean_start);
