@@ -794,6 +794,6 @@ fn per_connection_state_stays_small() {
         assert!(std::mem::size_of_val(&fut) <= 160, "serve future: {}", std::mem::size_of_val(&fut));
         assert!(std::mem::size_of::<super::session::Mailbox>() <= 176);
         let conn = super::connection::conn_size::<tokio::net::TcpStream>();
-        assert!(conn <= 400, "connection state: {conn}");
+        assert!(conn <= 320, "connection state: {conn}");
     });
 }
