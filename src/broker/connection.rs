@@ -290,21 +290,15 @@ struct Conn<S> {
     conn_id: u64,
     mailbox: Arc<Mailbox>,
     client_id: Arc<str>,
-    username: Option<Box<str>>,
     /// The session lives in State (persistent, or resumed from State).
     managed: bool,
     /// Session Expiry Interval in force (seconds).
     session_expiry: u32,
-    /// Will of a non-managed session (State keeps the will of managed ones).
-    will: Option<Box<LastWill>>,
     client_receive_max: u16,
     client_max_packet: u32,
     topic_alias_max: u16,
-    aliases: BTreeMap<u16, String>,
     /// Incoming QoS > 0 PUBLISH not yet fully acknowledged (Receive Maximum).
     in_unacked: u16,
-    /// Incoming QoS 2 packet ids waiting for PUBREL.
-    in_qos2: BTreeSet<u16>,
     pending: VecDeque<Pending>,
     /// Entries of `pending` in stage `Unsent`.
     unsent: usize,
@@ -312,12 +306,27 @@ struct Conn<S> {
     held: VecDeque<Delivery>,
     out_inflight: BTreeMap<u16, OutFlight>,
     next_pid: u16,
-    /// State in-flight entries sent on this connection, by packet id.
-    state_sent: BTreeMap<u16, Sent>,
     /// The first scan after resuming a session sends with DUP.
     resume_dup: bool,
     acks: Vec<pb::AckEntry>,
+    /// Rarely used state, allocated on first use (idle connections stay small).
+    cold: Option<Box<Cold>>,
 }
+
+#[derive(Default)]
+struct Cold {
+    username: Option<Box<str>>,
+    /// Will of a non-managed session (State keeps the will of managed ones).
+    will: Option<LastWill>,
+    aliases: BTreeMap<u16, String>,
+    /// Incoming QoS 2 packet ids waiting for PUBREL.
+    in_qos2: BTreeSet<u16>,
+    /// State in-flight entries sent on this connection, by packet id.
+    state_sent: BTreeMap<u16, Sent>,
+}
+
+static NO_IDS: BTreeSet<u16> = BTreeSet::new();
+static NO_SENT: BTreeMap<u16, Sent> = BTreeMap::new();
 
 /// The CONNACK answer to a refused CONNECT.
 async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(inner: &Inner, io: &mut Io<S>, code: u8) {
@@ -418,6 +427,7 @@ where
         }
     };
     let client_key = mailbox.client_id.clone();
+    mailbox.set_username(c.username.as_deref().map(Box::from));
 
     let state_has = inner.state.read().session(&client_id).is_some();
     let managed = persistent || (state_has && !c.clean_start);
@@ -511,27 +521,29 @@ where
         conn_id,
         mailbox,
         client_id: client_key,
-        username: c.username.as_deref().map(Box::from),
         managed,
         session_expiry,
-        will: if managed { None } else { c.will.map(Box::new) },
         client_receive_max: c.properties.receive_maximum.unwrap_or(u16::MAX).max(1),
         client_max_packet: c.properties.maximum_packet_size.unwrap_or(u32::MAX),
         topic_alias_max: cfg.topic_alias_maximum,
-        aliases: BTreeMap::new(),
         in_unacked: 0,
-        in_qos2: BTreeSet::new(),
         pending: VecDeque::new(),
         unsent: 0,
         held: VecDeque::new(),
         out_inflight: BTreeMap::new(),
         next_pid: 1,
-        state_sent: BTreeMap::new(),
         resume_dup: session_present,
         acks: Vec::new(),
+        cold: None,
         io,
         inner,
     });
+    let will = if managed { None } else { c.will };
+    if c.username.is_some() || will.is_some() {
+        let cold = conn.cold();
+        cold.username = c.username.as_deref().map(Box::from);
+        cold.will = will;
+    }
     // Queued QoS 0 messages, then the State window (resent with DUP on resume).
     for d in qos0 {
         let msg = Arc::new(message_from_pb(&d.message, 0));
@@ -543,8 +555,12 @@ where
         });
     }
     if managed {
-        if let Some(s) = conn.inner.state.read().session(&conn.client_id) {
-            conn.in_qos2.extend(s.incoming_qos2());
+        let ids: Vec<u16> = match conn.inner.state.read().session(&conn.client_id) {
+            Some(s) => s.incoming_qos2().collect(),
+            None => Vec::new(),
+        };
+        if !ids.is_empty() {
+            conn.cold().in_qos2.extend(ids);
         }
         conn.scan_state();
     }
@@ -593,6 +609,24 @@ fn will_message(w: &LastWill, now: u64) -> Message {
         },
         expires_at_ms: p.message_expiry_interval.map_or(0, |s| now + u64::from(s) * 1000),
         publisher: 0,
+    }
+}
+
+impl<S> Conn<S> {
+    fn cold(&mut self) -> &mut Cold {
+        self.cold.get_or_insert_with(Default::default)
+    }
+
+    fn username(&self) -> Option<&str> {
+        self.cold.as_ref().and_then(|c| c.username.as_deref())
+    }
+
+    fn in_qos2(&self) -> &BTreeSet<u16> {
+        self.cold.as_ref().map_or(&NO_IDS, |c| &c.in_qos2)
+    }
+
+    fn state_sent(&self) -> &BTreeMap<u16, Sent> {
+        self.cold.as_ref().map_or(&NO_SENT, |c| &c.state_sent)
     }
 }
 
@@ -786,7 +820,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         let inner = self.inner.clone();
         let cfg = &inner.config;
         let pid = p.packet_id.unwrap_or(0);
-        if p.qos == QoS::ExactlyOnce && self.in_qos2.contains(&pid) {
+        if p.qos == QoS::ExactlyOnce && self.in_qos2().contains(&pid) {
             // Duplicate of a message waiting for PUBREL: acknowledge, do not route again.
             self.queue_action(Action::Ack {
                 packet: Packet::PubRec(PubResp::new(pid)),
@@ -805,7 +839,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             return Err(Close::server(reason::RETAIN_NOT_SUPPORTED, "retain is not available"));
         }
         Metrics::inc(&self.inner.metrics.publish_received);
-        if !self.inner.auth.can_publish(&self.client_id, self.username.as_deref(), &topic) {
+        if !self.inner.auth.can_publish(&self.client_id, self.username(), &topic) {
             let ack = match p.qos {
                 QoS::AtMostOnce => return Ok(()),
                 QoS::AtLeastOnce => Packet::PubAck(PubResp::with_reason(pid, reason::NOT_AUTHORIZED)),
@@ -845,7 +879,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             self.in_unacked += 1;
         }
         if p.qos == QoS::ExactlyOnce {
-            self.in_qos2.insert(pid);
+            self.cold().in_qos2.insert(pid);
         }
         if to_state {
             let cmd = publish_command(&msg, &self.client_id, route.shared_targets, qos2_state.then_some(pid));
@@ -867,12 +901,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             return Err(Close::server(reason::TOPIC_ALIAS_INVALID, "topic alias out of range"));
         }
         if topic.is_empty() {
-            return match self.aliases.get(&alias) {
+            return match self.cold.as_ref().and_then(|c| c.aliases.get(&alias)) {
                 Some(t) => Ok(t.clone()),
                 None => Err(Close::server(reason::PROTOCOL_ERROR, "unknown topic alias")),
             };
         }
-        self.aliases.insert(alias, topic.clone());
+        self.cold().aliases.insert(alias, topic.clone());
         Ok(topic)
     }
 
@@ -929,7 +963,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
                     let releases = matches!(a, Packet::PubAck(_)) || failed;
                     if failed {
                         if let Packet::PubRec(r) = &a {
-                            self.in_qos2.remove(&r.packet_id);
+                            self.cold().in_qos2.remove(&r.packet_id);
                         }
                     }
                     self.send(&a);
@@ -975,8 +1009,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         let pid = r.packet_id;
         if matches!(self.out_inflight.get(&pid), Some(f) if f.qos == QoS::AtLeastOnce) {
             self.out_inflight.remove(&pid);
-        } else if let Some(Sent::Publish { msg }) = self.state_sent.get(&pid).copied() {
-            self.state_sent.insert(pid, Sent::Done { msg });
+        } else if let Some(Sent::Publish { msg }) = self.state_sent().get(&pid).copied() {
+            self.cold().state_sent.insert(pid, Sent::Done { msg });
             self.ack(pid, pb::AckKind::Puback);
         }
         self.pump_out();
@@ -994,15 +1028,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
                     self.send(&Packet::PubRel(PubResp::new(pid)));
                 }
             }
-        } else if let Some(s) = self.state_sent.get(&pid).copied() {
+        } else if let Some(s) = self.state_sent().get(&pid).copied() {
             match s {
                 Sent::Publish { msg } | Sent::Released { msg } => {
                     self.ack(pid, pb::AckKind::Pubrec);
                     if refused {
                         self.ack(pid, pb::AckKind::Pubcomp);
-                        self.state_sent.insert(pid, Sent::Done { msg });
+                        self.cold().state_sent.insert(pid, Sent::Done { msg });
                     } else {
-                        self.state_sent.insert(pid, Sent::Released { msg });
+                        self.cold().state_sent.insert(pid, Sent::Released { msg });
                         self.send(&Packet::PubRel(PubResp::new(pid)));
                     }
                 }
@@ -1020,8 +1054,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         let pid = r.packet_id;
         if matches!(self.out_inflight.get(&pid), Some(f) if f.released) {
             self.out_inflight.remove(&pid);
-        } else if let Some(Sent::Released { msg }) = self.state_sent.get(&pid).copied() {
-            self.state_sent.insert(pid, Sent::Done { msg });
+        } else if let Some(Sent::Released { msg }) = self.state_sent().get(&pid).copied() {
+            self.cold().state_sent.insert(pid, Sent::Done { msg });
             self.ack(pid, pb::AckKind::Pubcomp);
         }
         self.pump_out();
@@ -1029,7 +1063,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
 
     fn on_pubrel(&mut self, r: PubResp) -> Step {
         let pid = r.packet_id;
-        if !self.in_qos2.remove(&pid) {
+        if !self.cold().in_qos2.remove(&pid) {
             let code = if self.version.is_v5() { reason::PACKET_IDENTIFIER_NOT_FOUND } else { 0 };
             self.queue_action(Action::Ack {
                 packet: Packet::PubComp(PubResp::with_reason(pid, code)),
@@ -1085,7 +1119,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             if shared && opts.no_local {
                 return Err(Close::server(reason::PROTOCOL_ERROR, "no local on a shared subscription"));
             }
-            if !self.inner.auth.can_subscribe(&self.client_id, self.username.as_deref(), &filter) {
+            if !self.inner.auth.can_subscribe(&self.client_id, self.username(), &filter) {
                 codes.push(if v5 { reason::NOT_AUTHORIZED } else { 0x80 });
                 continue;
             }
@@ -1236,7 +1270,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
     }
 
     fn inflight_count(&self) -> usize {
-        self.out_inflight.len() + self.state_sent.values().filter(|s| !matches!(s, Sent::Done { .. })).count()
+        self.out_inflight.len()
+            + self.state_sent().values().filter(|s| !matches!(s, Sent::Done { .. })).count()
     }
 
     /// Sends fast-path deliveries while the window and the socket allow.
@@ -1335,7 +1370,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             let pid = self.next_pid;
             self.next_pid = if pid == u16::MAX { 1 } else { pid + 1 };
             if !self.out_inflight.contains_key(&pid)
-                && !self.state_sent.contains_key(&pid)
+                && !self.state_sent().contains_key(&pid)
                 && !state_ids.contains(&pid)
             {
                 return Some(pid);
@@ -1350,7 +1385,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         let inner = self.inner.clone();
         let st = inner.state.read();
         let Some(sess) = st.session(&self.client_id) else {
-            self.state_sent.clear();
+            if let Some(c) = self.cold.as_mut() {
+                c.state_sent.clear();
+            }
             return;
         };
         let dup = self.resume_dup;
@@ -1362,7 +1399,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             let pid = e.packet_id;
             let msg_key = Arc::as_ptr(&e.delivery.message) as usize;
             present.insert(pid);
-            match self.state_sent.get(&pid) {
+            match self.state_sent().get(&pid) {
                 Some(s) if s.msg() == msg_key => continue,
                 _ => {}
             }
@@ -1372,7 +1409,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             }
             if e.awaiting_pubcomp {
                 self.io.send(&Packet::PubRel(PubResp::new(pid)), &inner.metrics);
-                self.state_sent.insert(pid, Sent::Released { msg: msg_key });
+                self.cold().state_sent.insert(pid, Sent::Released { msg: msg_key });
                 continue;
             }
             if budget == 0 && !dup {
@@ -1385,7 +1422,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             } else if m.expires_at_ms <= now {
                 // Expired in flight: drop it as if acknowledged.
                 Metrics::inc(&inner.metrics.messages_expired);
-                self.state_sent.insert(pid, Sent::Done { msg: msg_key });
+                self.cold().state_sent.insert(pid, Sent::Done { msg: msg_key });
                 let kind = if e.delivery.qos == 2 { pb::AckKind::Pubcomp } else { pb::AckKind::Puback };
                 self.acks.push(pb::AckEntry {
                     client_id: self.client_id.to_string(),
@@ -1417,7 +1454,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             });
             if !self.fits(&pkt) {
                 // Too large for this client: acknowledge it ourselves so the window moves on.
-                self.state_sent.insert(pid, Sent::Done { msg: msg_key });
+                self.cold().state_sent.insert(pid, Sent::Done { msg: msg_key });
                 let kind = if e.delivery.qos == 2 { pb::AckKind::Pubcomp } else { pb::AckKind::Puback };
                 self.acks.push(pb::AckEntry {
                     client_id: self.client_id.to_string(),
@@ -1428,9 +1465,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             }
             self.io.send(&pkt, &inner.metrics);
             Metrics::inc(&inner.metrics.publish_sent);
-            self.state_sent.insert(pid, Sent::Publish { msg: msg_key });
+            self.cold().state_sent.insert(pid, Sent::Publish { msg: msg_key });
         }
-        self.state_sent.retain(|pid, _| present.contains(pid));
+        self.cold().state_sent.retain(|pid, _| present.contains(pid));
     }
 
     // ------------------------------------------------------------ the end
@@ -1497,7 +1534,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
                 tracing::warn!(client_id = %self.client_id, error = %e, "session close failed");
             }
         } else if publish_will {
-            if let Some(w) = self.will.take() {
+            if let Some(w) = self.cold.as_mut().and_then(|c| c.will.take()) {
                 // A non-persistent session ends with its connection, so the will
                 // is due now whatever its delay (MQTT 5 3.1.3.2.2: delay or session end).
                 let msg = will_message(&w, now_ms());

@@ -24,8 +24,9 @@
 //! - Retained messages for a persistent session's new subscription are
 //!   delivered through State (`Subscribe.queue_retained`), so its packet ids
 //!   all come from State; `$SYS` values are kept here and sent as retained.
-//! - Authorization: `can_publish` and `can_subscribe` are called;
-//!   `can_receive` is not called yet (the default allows everything).
+//! - Authorization: `can_publish`, `can_subscribe` and, for fast-path
+//!   deliveries, `can_receive` are called (State's deliveries to persistent
+//!   sessions are not filtered by `can_receive` yet).
 
 mod connection;
 pub mod metrics;
@@ -290,10 +291,9 @@ impl Inner {
                 retain: force_retain || (t.retain_as_published && msg.retain),
                 sub_ids: t.sub_ids,
             };
-            match t.mailbox.push(d, cap, cap12) {
-                Push::Queued => {}
+            match t.mailbox.push(d, cap, cap12, &*self.auth) {
+                Push::Queued | Push::Offline | Push::Denied => {}
                 Push::Full => Metrics::inc(&self.metrics.messages_dropped_outbox),
-                Push::Offline => {}
             }
         }
     }
