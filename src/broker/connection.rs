@@ -308,6 +308,9 @@ struct Conn<S> {
     next_pid: u16,
     /// The first scan after resuming a session sends with DUP.
     resume_dup: bool,
+    /// In-flight messages of the State session were left unsent because the
+    /// client's Receive Maximum was reached: look again when it acknowledges.
+    state_backlog: bool,
     acks: Vec<pb::AckEntry>,
     /// Rarely used state, allocated on first use (idle connections stay small).
     cold: Option<Box<Cold>>,
@@ -533,6 +536,7 @@ where
         out_inflight: BTreeMap::new(),
         next_pid: 1,
         resume_dup: session_present,
+        state_backlog: false,
         acks: Vec::new(),
         cold: None,
         io,
@@ -1016,6 +1020,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         } else if let Some(Sent::Publish { msg }) = self.state_sent().get(&pid).copied() {
             self.cold().state_sent.insert(pid, Sent::Done { msg });
             self.ack(pid, pb::AckKind::Puback);
+            if self.state_backlog {
+                self.scan_state();
+            }
         }
         self.pump_out();
     }
@@ -1061,6 +1068,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         } else if let Some(Sent::Released { msg }) = self.state_sent().get(&pid).copied() {
             self.cold().state_sent.insert(pid, Sent::Done { msg });
             self.ack(pid, pb::AckKind::Pubcomp);
+            if self.state_backlog {
+                self.scan_state();
+            }
         }
         self.pump_out();
     }
@@ -1396,6 +1406,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         };
         let dup = self.resume_dup;
         self.resume_dup = false;
+        self.state_backlog = false;
         let mut present: HashSet<u16> = HashSet::with_capacity(sess.inflight_len());
         let mut budget = usize::from(self.client_receive_max).saturating_sub(self.inflight_count());
         let now = now_ms();
@@ -1416,7 +1427,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
                 self.cold().state_sent.insert(pid, Sent::Released { msg: msg_key });
                 continue;
             }
-            if budget == 0 && !dup {
+            if budget == 0 {
+                // The client's Receive Maximum holds on resume too (MQTT 5 4.9);
+                // the rest goes out as acknowledgements free the window.
+                self.state_backlog = true;
                 continue;
             }
             budget = budget.saturating_sub(1);
