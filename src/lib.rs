@@ -4,8 +4,13 @@
 
 pub mod admin;
 pub mod auth;
+pub mod bench;
 pub mod broker;
+pub mod config;
 pub mod listener;
+pub mod node;
 pub mod protocol;
+pub mod raft;
 pub mod state;
+pub mod storage;
 pub mod topic;

@@ -1,0 +1,166 @@
+//! openraft's storage conformance suite against the sled log store and the
+//! state-machine adapter, and the adapter's apply / snapshot behaviour.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use openraft::entry::RaftEntry;
+use openraft::storage::{RaftLogStorage, RaftStateMachine};
+use openraft::testing::log::{StoreBuilder, Suite};
+use openraft::type_config::TypeConfigExt;
+use openraft::vote::RaftLeaderId;
+use openraft::RaftSnapshotBuilder;
+use parking_lot::{Mutex, RwLock};
+use prost::Message as _;
+
+use super::state_machine::StateMachine;
+use super::types::{BatchPayload, Entry, EntryPayload, LeaderId, LogId, TypeConfig};
+use super::EventSink;
+use crate::state::pb::command::Cmd;
+use crate::state::{self, Event, Limits, State};
+use crate::storage::{LogStore, SnapshotStore};
+
+struct Builder;
+
+fn open_pair(dir: &std::path::Path, sink: EventSink) -> (LogStore, StateMachine) {
+    let log = LogStore::open(&dir.join("log")).unwrap();
+    let snaps = SnapshotStore::open(&dir.join("snapshot")).unwrap();
+    let state = Arc::new(RwLock::new(State::new(Limits::default())));
+    (log, StateMachine::new(state, sink, snaps).unwrap())
+}
+
+impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Builder {
+    async fn build(
+        &self,
+    ) -> Result<(tempfile::TempDir, LogStore, StateMachine), openraft::StorageError<TypeConfig>> {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, sm) = open_pair(dir.path(), Box::new(|_| {}));
+        Ok((dir, log, sm))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openraft_storage_suite() {
+    Suite::test_all(Builder).await.unwrap();
+}
+
+fn retained_publish(topic: &str, payload: &'static str) -> state::pb::Command {
+    state::pb::Command {
+        cmd: Some(Cmd::Publish(state::pb::Publish {
+            message: Some(state::pb::Message {
+                topic: topic.into(),
+                payload: Bytes::from_static(payload.as_bytes()),
+                qos: 1,
+                retain: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })),
+    }
+}
+
+fn batch_entry(index: u64, commands: Vec<state::pb::Command>) -> Entry {
+    let batch = state::pb::Batch { now_ms: 1_000, commands };
+    Entry::new(
+        LogId::new(LeaderId::new(1, 1), index),
+        EntryPayload::Normal(BatchPayload(batch.encode_to_vec().into())),
+    )
+}
+
+async fn apply(sm: &mut StateMachine, entries: Vec<Entry>) {
+    let stream = futures_util::stream::iter(entries.into_iter().map(|e| Ok((e, None))));
+    sm.apply(stream).await.unwrap();
+}
+
+#[tokio::test]
+async fn apply_updates_state_and_sends_events_then_snapshot_restores() {
+    let dir = tempfile::tempdir().unwrap();
+    let seen: Arc<Mutex<Vec<Event>>> = Arc::default();
+    let s = seen.clone();
+    let (log, mut sm) = open_pair(dir.path(), Box::new(move |ev| s.lock().extend(ev)));
+
+    let session = state::pb::Command {
+        cmd: Some(Cmd::SessionOpen(state::pb::SessionOpen {
+            client_id: "sub".into(),
+            session_expiry_s: 60,
+            protocol_version: 5,
+            ..Default::default()
+        })),
+    };
+    let subscribe = state::pb::Command {
+        cmd: Some(Cmd::Subscribe(state::pb::Subscribe {
+            client_id: "sub".into(),
+            subscriptions: vec![state::pb::Subscription {
+                filter: "a/#".into(),
+                qos: 1,
+                ..Default::default()
+            }],
+            queue_retained: false,
+        })),
+    };
+    apply(&mut sm, vec![batch_entry(1, vec![session, subscribe, retained_publish("a/b", "one")])]).await;
+    let (applied, _) = sm.applied_state().await.unwrap();
+    assert_eq!(applied.map(|l| l.index), Some(1));
+    assert!(
+        seen.lock().contains(&Event::Deliver { client_id: "sub".into() }),
+        "events reach the sink: {:?}",
+        seen.lock()
+    );
+
+    // An undecodable batch is an error result for the entry, not a failure.
+    let bad = Entry::new(
+        LogId::new(LeaderId::new(1, 1), 2),
+        EntryPayload::Normal(BatchPayload(Bytes::from_static(b"\xff\xff\xff"))),
+    );
+    apply(&mut sm, vec![bad]).await;
+    assert_eq!(sm.applied_state().await.unwrap().0.map(|l| l.index), Some(2));
+
+    let mut builder = sm.get_snapshot_builder().await;
+    let snap = builder.build_snapshot().await.unwrap();
+    assert_eq!(snap.meta.last_log_id.map(|l| l.index), Some(2));
+
+    // A second node installs it and has the same state.
+    let dir2 = tempfile::tempdir().unwrap();
+    let (_log2, mut sm2) = open_pair(dir2.path(), Box::new(|_| {}));
+    sm2.install_snapshot(&snap.meta, snap.snapshot.clone()).await.unwrap();
+    assert_eq!(sm2.applied_state().await.unwrap().0, snap.meta.last_log_id);
+    let current = sm2.get_current_snapshot().await.unwrap().unwrap();
+    assert_eq!(current.meta, snap.meta);
+    let restored = State::from_snapshot_bytes(&current.snapshot, Limits::default()).unwrap();
+    assert!(restored.retained("a/b").is_some());
+
+    // The snapshot file survives a restart of the state machine.
+    drop(sm);
+    let closed = log.on_closed();
+    drop(log);
+    closed.await;
+    let (_log3, mut sm3) = open_pair(dir.path(), Box::new(|_| {}));
+    let reloaded = sm3.get_current_snapshot().await.unwrap().unwrap();
+    assert_eq!(reloaded.meta, snap.meta);
+}
+
+#[tokio::test]
+async fn log_store_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let entries: Vec<Entry> = (1..=5).map(|i| batch_entry(i, vec![retained_publish("t", "x")])).collect();
+    {
+        let mut log = LogStore::open(dir.path()).unwrap();
+        let (tx, rx) = TypeConfig::oneshot();
+        log.append(entries.clone(), openraft::storage::IOFlushed::signal(tx)).await.unwrap();
+        rx.await.unwrap().unwrap();
+        log.save_vote(&super::types::Vote::new_committed(1, 1)).await.unwrap();
+        log.purge(entries[1].log_id).await.unwrap();
+        let closed = log.on_closed();
+        drop(log);
+        closed.await;
+    }
+    let mut log = LogStore::open(dir.path()).unwrap();
+    let st = log.get_log_state().await.unwrap();
+    assert_eq!(st.last_purged_log_id.map(|l| l.index), Some(2));
+    assert_eq!(st.last_log_id.map(|l| l.index), Some(5));
+    let mut reader = log.get_log_reader().await;
+    use openraft::RaftLogReader;
+    let got = reader.try_get_log_entries(3..=5).await.unwrap();
+    assert_eq!(got.iter().map(|e| e.log_id.index).collect::<Vec<_>>(), vec![3, 4, 5]);
+    assert_eq!(reader.read_vote().await.unwrap(), Some(super::types::Vote::new_committed(1, 1)));
+}

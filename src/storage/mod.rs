@@ -1,0 +1,432 @@
+//! Durable storage of the Raft layer: the log, the vote, the committed and
+//! last purged log ids in sled ([`LogStore`]), and snapshot files
+//! ([`SnapshotStore`]). The only module that touches sled or writes Raft data
+//! to disk. It knows nothing of the state machine's content: entries and
+//! snapshots are opaque protobuf (proto/raft.proto).
+//!
+//! Durability contract (openraft's `RaftLogStorage`): `append` writes the
+//! entries to sled (readable at once) and hands the completion callback to a
+//! flusher task; the flusher takes every callback queued so far, runs ONE
+//! `flush_async` (fsync), then completes them all. That is the group commit:
+//! however many entries and appends arrive meanwhile, they share one fsync,
+//! and no callback (the durability promise) fires before its flush. A vote is
+//! flushed before `save_vote` returns.
+//!
+//! Layout: log tree, key = index as big-endian u64 (so sled's order is log
+//! order), value = `raft.Entry`; meta tree: `vote`, `committed`, `purged`.
+
+mod snapshot;
+
+use std::fmt::Debug;
+use std::io;
+use std::ops::{Bound, RangeBounds};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use hdrhistogram::Histogram;
+use parking_lot::Mutex;
+
+use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
+use openraft::{OptionalSend, RaftLogReader};
+use prost::Message as _;
+use tokio::sync::{mpsc, watch};
+
+use crate::raft::convert;
+use crate::raft::pb;
+use crate::raft::types::{Entry, LogId, TypeConfig, Vote};
+pub use snapshot::SnapshotStore;
+
+/// Appends waiting for their flush; beyond this `append` waits (backpressure).
+const FLUSH_QUEUE: usize = 1024;
+/// `limited_get_log_entries` stops after this many bytes (at least one entry),
+/// so an AppendEntries frame stays far below the transport's frame limit.
+const MAX_READ_BYTES: usize = 8 * 1024 * 1024;
+
+/// sled page cache per node.
+const CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
+const KEY_VOTE: &[u8] = b"vote";
+const KEY_COMMITTED: &[u8] = b"committed";
+const KEY_PURGED: &[u8] = b"purged";
+
+/// Errors of the storage layer.
+#[derive(thiserror::Error, Debug)]
+pub enum StorageError {
+    #[error("sled: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("io: {0}")]
+    Io(#[from] io::Error),
+    #[error("corrupt {what}: {detail}")]
+    Corrupt { what: &'static str, detail: String },
+}
+
+impl From<StorageError> for io::Error {
+    fn from(e: StorageError) -> io::Error {
+        match e {
+            StorageError::Io(e) => e,
+            other => io::Error::other(other.to_string()),
+        }
+    }
+}
+
+fn sled_err(e: sled::Error) -> io::Error {
+    io::Error::other(format!("sled: {e}"))
+}
+
+fn corrupt(what: &'static str, detail: impl ToString) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("corrupt {what}: {}", detail.to_string()))
+}
+
+fn decode_entry(bytes: &[u8]) -> io::Result<Entry> {
+    let pb = pb::Entry::decode(bytes).map_err(|e| corrupt("log entry", e))?;
+    convert::entry_from_pb(pb).map_err(|e| corrupt("log entry", e))
+}
+
+fn decode_log_id(bytes: &[u8]) -> io::Result<LogId> {
+    let pb = pb::LogId::decode(bytes).map_err(|e| corrupt("log id", e))?;
+    convert::log_id_from_pb(&pb).map_err(|e| corrupt("log id", e))
+}
+
+fn index_key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+fn index_of(key: &[u8]) -> io::Result<u64> {
+    let arr: [u8; 8] = key.try_into().map_err(|_| corrupt("log key", format!("{} bytes", key.len())))?;
+    Ok(u64::from_be_bytes(arr))
+}
+
+fn key_range<RB: RangeBounds<u64>>(range: &RB) -> (Bound<[u8; 8]>, Bound<[u8; 8]>) {
+    let start = match range.start_bound() {
+        Bound::Included(i) => Bound::Included(index_key(*i)),
+        Bound::Excluded(i) => Bound::Excluded(index_key(*i)),
+        Bound::Unbounded => Bound::Unbounded,
+    };
+    let end = match range.end_bound() {
+        Bound::Included(i) => Bound::Included(index_key(*i)),
+        Bound::Excluded(i) => Bound::Excluded(index_key(*i)),
+        Bound::Unbounded => Bound::Unbounded,
+    };
+    (start, end)
+}
+
+/// Counters of the log store, shared with whoever reports metrics.
+pub struct StorageStats {
+    /// fsyncs of the log (group commits).
+    pub flushes: AtomicU64,
+    /// `append` calls (each may carry many entries).
+    pub appends: AtomicU64,
+    pub entries: AtomicU64,
+    /// Encoded entry bytes appended.
+    pub bytes: AtomicU64,
+    /// Duration of each group-commit flush, microseconds.
+    flush_us: Mutex<Histogram<u64>>,
+}
+
+/// A copy of [`StorageStats`] at one moment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StorageStatsSnapshot {
+    pub flushes: u64,
+    pub appends: u64,
+    pub entries: u64,
+    pub bytes: u64,
+    pub flush_p50_us: u64,
+    pub flush_p99_us: u64,
+    pub flush_max_us: u64,
+}
+
+impl StorageStats {
+    fn new() -> StorageStats {
+        StorageStats {
+            flushes: AtomicU64::new(0),
+            appends: AtomicU64::new(0),
+            entries: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            // 1 us .. 1 h, 2 significant digits: constant bounds hdrhistogram
+            // accepts (low >= 1, high >= 2 * low), so this cannot fail.
+            flush_us: Mutex::new(
+                Histogram::new_with_bounds(1, 3_600_000_000, 2).expect("valid constant histogram bounds"),
+            ),
+        }
+    }
+
+    fn record_flush(&self, took: std::time::Duration) {
+        self.flushes.fetch_add(1, Ordering::Relaxed);
+        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX).max(1);
+        self.flush_us.lock().saturating_record(us);
+    }
+
+    pub fn snapshot(&self) -> StorageStatsSnapshot {
+        let h = self.flush_us.lock();
+        StorageStatsSnapshot {
+            flushes: self.flushes.load(Ordering::Relaxed),
+            appends: self.appends.load(Ordering::Relaxed),
+            entries: self.entries.load(Ordering::Relaxed),
+            bytes: self.bytes.load(Ordering::Relaxed),
+            flush_p50_us: h.value_at_quantile(0.5),
+            flush_p99_us: h.value_at_quantile(0.99),
+            flush_max_us: h.max(),
+        }
+    }
+}
+
+/// The Raft log and metadata in sled. See the module docs.
+pub struct LogStore {
+    inner: Arc<Inner>,
+    stats: Arc<StorageStats>,
+    flusher: mpsc::Sender<IOFlushed<TypeConfig>>,
+    closed: watch::Receiver<bool>,
+}
+
+/// Reads the log; cheap to clone.
+#[derive(Clone)]
+pub struct LogReader {
+    inner: Arc<Inner>,
+}
+
+/// The sled handles, shared by the store, its readers and the flusher.
+struct Inner {
+    db: sled::Db,
+    log: sled::Tree,
+    meta: sled::Tree,
+    /// Declared last, so dropped after the sled handles: announces that the
+    /// directory is free.
+    _closed: ClosedOnDrop,
+}
+
+struct ClosedOnDrop(watch::Sender<bool>);
+
+impl Drop for ClosedOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.send(true);
+    }
+}
+
+impl LogStore {
+    /// Opens (or creates) the store in `dir`. Must run inside a tokio runtime:
+    /// it spawns the flusher task, which ends when the store is dropped.
+    pub fn open(dir: &Path) -> Result<LogStore, StorageError> {
+        // sled's default page cache is 1 GiB; the log is read mostly at its tail.
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(CACHE_BYTES)
+            .mode(sled::Mode::HighThroughput)
+            .open()?;
+        let log = db.open_tree("log")?;
+        let meta = db.open_tree("meta")?;
+        let (tx, rx) = mpsc::channel(FLUSH_QUEUE);
+        let (closed_tx, closed) = watch::channel(false);
+        let inner = Arc::new(Inner { db, log, meta, _closed: ClosedOnDrop(closed_tx) });
+        let stats = Arc::new(StorageStats::new());
+        tokio::spawn(flush_loop(inner.clone(), stats.clone(), rx));
+        Ok(LogStore { inner, stats, flusher: tx, closed })
+    }
+
+    /// The store's counters (they outlive the store).
+    pub fn stats(&self) -> Arc<StorageStats> {
+        self.stats.clone()
+    }
+
+    /// Resolves once this store, its flusher and every reader handed out are
+    /// dropped, so sled has released its directory (sled locks it: a reopen in
+    /// the same process, e.g. a node restarted in a test, must wait for this).
+    pub fn on_closed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.closed.clone();
+        async move {
+            // An error means the flusher is gone: closed as well.
+            let _ = rx.wait_for(|closed| *closed).await;
+        }
+    }
+
+    /// Bytes sled uses on disk (for metrics: sled is known to grow).
+    pub fn size_on_disk(&self) -> Result<u64, StorageError> {
+        Ok(self.inner.db.size_on_disk()?)
+    }
+
+    fn reader(&self) -> LogReader {
+        LogReader { inner: self.inner.clone() }
+    }
+
+    fn put_meta(&self, key: &[u8], value: Option<Vec<u8>>) -> io::Result<()> {
+        match value {
+            Some(v) => self.inner.meta.insert(key, v).map_err(sled_err)?,
+            None => self.inner.meta.remove(key).map_err(sled_err)?,
+        };
+        Ok(())
+    }
+}
+
+/// Group commit: one fsync for every append queued before it started.
+async fn flush_loop(
+    inner: Arc<Inner>,
+    stats: Arc<StorageStats>,
+    mut rx: mpsc::Receiver<IOFlushed<TypeConfig>>,
+) {
+    let mut waiting = Vec::new();
+    while let Some(cb) = rx.recv().await {
+        waiting.push(cb);
+        while let Ok(cb) = rx.try_recv() {
+            waiting.push(cb);
+        }
+        let started = std::time::Instant::now();
+        let result = inner.db.flush_async().await.map(|_| ()).map_err(|e| e.to_string());
+        stats.record_flush(started.elapsed());
+        for cb in waiting.drain(..) {
+            cb.io_completed(result.clone().map_err(io::Error::other));
+        }
+    }
+}
+
+impl LogReader {
+    fn get_log_id(&self, key: &[u8]) -> io::Result<Option<LogId>> {
+        match self.inner.meta.get(key).map_err(sled_err)? {
+            Some(v) => Ok(Some(decode_log_id(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn last_entry(&self) -> io::Result<Option<Entry>> {
+        match self.inner.log.last().map_err(sled_err)? {
+            Some((_, v)) => Ok(Some(decode_entry(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn read_range<RB: RangeBounds<u64>>(&self, range: RB, max_bytes: usize) -> io::Result<Vec<Entry>> {
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for kv in self.inner.log.range(key_range(&range)) {
+            let (k, v) = kv.map_err(sled_err)?;
+            let entry = decode_entry(&v)?;
+            if entry.log_id.index != index_of(&k)? {
+                return Err(corrupt(
+                    "log",
+                    format!("entry {} stored at key {}", entry.log_id, index_of(&k)?),
+                ));
+            }
+            bytes += v.len();
+            out.push(entry);
+            if bytes >= max_bytes {
+                break;
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogReader {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, io::Error> {
+        self.read_range(range, usize::MAX)
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
+        match self.inner.meta.get(KEY_VOTE).map_err(sled_err)? {
+            Some(v) => {
+                let pb = pb::Vote::decode(&*v).map_err(|e| corrupt("vote", e))?;
+                Ok(Some(convert::vote_from_pb(&pb).map_err(|e| corrupt("vote", e))?))
+            }
+            None => Ok(None),
+        }
+    }
+
+    async fn limited_get_log_entries(&mut self, start: u64, end: u64) -> Result<Vec<Entry>, io::Error> {
+        self.read_range(start..end, MAX_READ_BYTES)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogReader;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
+        let last_purged_log_id = self.reader().get_log_id(KEY_PURGED)?;
+        let last_log_id = match self.reader().last_entry()? {
+            Some(e) => Some(e.log_id),
+            None => last_purged_log_id,
+        };
+        Ok(LogState { last_purged_log_id, last_log_id })
+    }
+
+    async fn get_log_reader(&mut self) -> LogReader {
+        self.reader()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
+        self.put_meta(KEY_VOTE, Some(convert::vote_to_pb(vote).encode_to_vec()))?;
+        // The vote must be durable before we answer anyone with it.
+        self.inner.db.flush_async().await.map_err(sled_err)?;
+        Ok(())
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
+        // Not flushed on its own: losing the latest value only makes a restart
+        // re-apply less; the next append's flush persists it.
+        self.put_meta(KEY_COMMITTED, committed.as_ref().map(|l| convert::log_id_to_pb(l).encode_to_vec()))
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
+        self.reader().get_log_id(KEY_COMMITTED)
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> Result<(), io::Error>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut batch = sled::Batch::default();
+        let (mut n, mut bytes) = (0u64, 0u64);
+        for e in entries {
+            let value = convert::entry_to_pb(&e).encode_to_vec();
+            n += 1;
+            bytes += value.len() as u64;
+            batch.insert(&index_key(e.log_id.index), value);
+        }
+        self.stats.appends.fetch_add(1, Ordering::Relaxed);
+        self.stats.entries.fetch_add(n, Ordering::Relaxed);
+        self.stats.bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.inner.log.apply_batch(batch).map_err(sled_err)?;
+        // Readable now; durable when the flusher calls back.
+        if let Err(mpsc::error::SendError(cb)) = self.flusher.send(callback).await {
+            cb.io_completed(Err(io::Error::other("log flusher stopped")));
+        }
+        Ok(())
+    }
+
+    async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
+        let start = last_log_id.map_or(Bound::Unbounded, |l| Bound::Excluded(index_key(l.index)));
+        let keys: Vec<sled::IVec> = self
+            .inner
+            .log
+            .range((start, Bound::<[u8; 8]>::Unbounded))
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(sled_err)?;
+        // From the end backward: a crash midway leaves no hole.
+        let mut batch = sled::Batch::default();
+        for k in keys.into_iter().rev() {
+            batch.remove(k);
+        }
+        self.inner.log.apply_batch(batch).map_err(sled_err)
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
+        // Record the purge point first: entries at or below it are never read
+        // again, so a crash before they are removed leaves no hole.
+        self.put_meta(KEY_PURGED, Some(convert::log_id_to_pb(&log_id).encode_to_vec()))?;
+        let keys: Vec<sled::IVec> = self
+            .inner
+            .log
+            .range(..=index_key(log_id.index))
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(sled_err)?;
+        let mut batch = sled::Batch::default();
+        for k in keys {
+            batch.remove(k);
+        }
+        self.inner.log.apply_batch(batch).map_err(sled_err)
+    }
+}
