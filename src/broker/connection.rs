@@ -831,6 +831,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         if p.qos != QoS::AtMostOnce && self.in_unacked >= cfg.receive_maximum.max(1) {
             return Err(Close::server(reason::RECEIVE_MAXIMUM_EXCEEDED, "receive maximum exceeded"));
         }
+        if !p.properties.subscription_identifiers.is_empty() {
+            // MQTT 5 3.3.4-6: only the server sends Subscription Identifiers.
+            return Err(Close::server(reason::PROTOCOL_ERROR, "subscription identifier in a client PUBLISH"));
+        }
         let topic = self.resolve_alias(p.topic, p.properties.topic_alias)?;
         if !topic::valid_topic_name(&topic) {
             return Err(Close::server(reason::TOPIC_NAME_INVALID, "invalid topic name"));
