@@ -146,6 +146,9 @@ start_raftmq() {
   local port=$1 dir=$2 admin
   admin=$(free_port)
   mkdir -p "$dir/data"
+  # Same queue allowance as the Mosquitto configuration above (max_queued_messages
+  # 1000000), so neither broker drops messages for a subscriber in a burst.
+  RAFTMQ_MQTT__OUTBOX_CAPACITY=1000000 RAFTMQ_MQTT__MAX_QUEUED_MESSAGES=1000000 \
   "${rt[@]}" "$RAFTMQ_BIN" serve --mqtt-listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" \
     --data-dir "$dir/data" 2>"$dir/broker.log" >/dev/null &
   broker_pid=$!
