@@ -30,6 +30,14 @@ pub enum PipelineError {
     State(#[from] StateError),
 }
 
+/// Why [`Pipeline::try_submit`] did not queue a command.
+#[derive(Debug)]
+pub enum TrySubmitError {
+    /// The queue is full; here is the command back.
+    Full(Box<pb::Command>),
+    Closed,
+}
+
 /// The answer to one proposal.
 pub type Reply = Result<Applied, StateError>;
 
@@ -78,13 +86,13 @@ impl Pipeline {
     }
 
     /// Like [`Pipeline::submit`] without waiting: gives the command back when
-    /// the queue is full (`Err(Some(cmd))`); `Err(None)` = closed.
-    pub fn try_submit(&self, cmd: pb::Command) -> Result<oneshot::Receiver<Reply>, Option<pb::Command>> {
+    /// the queue is full.
+    pub fn try_submit(&self, cmd: pb::Command) -> Result<oneshot::Receiver<Reply>, TrySubmitError> {
         let (tx, rx) = oneshot::channel();
         match self.tx.try_send(Proposal { cmd, reply: Some(tx) }) {
             Ok(()) => Ok(rx),
-            Err(mpsc::error::TrySendError::Full(p)) => Err(Some(p.cmd)),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(None),
+            Err(mpsc::error::TrySendError::Full(p)) => Err(TrySubmitError::Full(Box::new(p.cmd))),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(TrySubmitError::Closed),
         }
     }
 
