@@ -351,3 +351,148 @@ fn render_raft_metrics(raft: &RaftNode, serving: bool, out: &mut String) {
         let _ = writeln!(out, "# HELP {name} {help}.\n# TYPE {name} {kind}\n{name} {value}");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Three in-process nodes: the serving rules when leadership moves.
+
+    use super::*;
+    use crate::admin::AdminConfig;
+    use crate::listener::ListenerConfig;
+    use crate::protocol::{
+        self, reason, Connect, ConnectProperties, Packet, ProtocolVersion, ProtocolVersionOrDefault,
+    };
+    use bytes::BytesMut;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    fn port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    }
+
+    async fn start_three(dir: &std::path::Path) -> Vec<Node> {
+        let ports: Vec<(u16, u16, u16)> = (0..3).map(|_| (port(), port(), port())).collect();
+        let infos: Vec<NodeInfo> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (m, a, c))| NodeInfo {
+                id: i as u64 + 1,
+                cluster_addr: format!("127.0.0.1:{c}"),
+                mqtt_addr: format!("127.0.0.1:{m}"),
+                admin_addr: format!("127.0.0.1:{a}"),
+            })
+            .collect();
+        let mut nodes = Vec::new();
+        for (i, (m, a, c)) in ports.iter().enumerate() {
+            let config = Config {
+                node_id: i as u64 + 1,
+                data_dir: dir.join(format!("node-{}", i + 1)),
+                listeners: vec![ListenerConfig {
+                    bind: format!("127.0.0.1:{m}").parse().unwrap(),
+                    ..Default::default()
+                }],
+                admin: AdminConfig { listen: format!("127.0.0.1:{a}").parse().unwrap(), token: None },
+                cluster: ClusterConfig {
+                    node_id: i as u64 + 1,
+                    listen: format!("127.0.0.1:{c}"),
+                    nodes: infos.clone(),
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            nodes.push(Node::start(config).await.unwrap());
+        }
+        nodes
+    }
+
+    async fn leader_of(nodes: &[Node]) -> usize {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let serving: Vec<usize> = (0..nodes.len()).filter(|&i| nodes[i].broker().is_serving()).collect();
+            if serving.len() == 1 {
+                return serving[0];
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no single serving leader");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    struct Client {
+        s: TcpStream,
+        buf: BytesMut,
+    }
+
+    impl Client {
+        async fn connect(addr: SocketAddr, clean_start: bool) -> (Client, Packet) {
+            let s = TcpStream::connect(addr).await.unwrap();
+            let mut c = Client { s, buf: BytesMut::new() };
+            let connect = Packet::Connect(Connect {
+                protocol: ProtocolVersionOrDefault(ProtocolVersion::V5),
+                clean_start,
+                keep_alive: 60,
+                client_id: "mover".into(),
+                properties: ConnectProperties { session_expiry_interval: Some(600), ..Default::default() },
+                ..Default::default()
+            });
+            let mut out = BytesMut::new();
+            protocol::encode(&connect, ProtocolVersion::V5, &mut out).unwrap();
+            c.s.write_all(&out).await.unwrap();
+            let p = c.recv().await.expect("CONNACK");
+            (c, p)
+        }
+
+        async fn recv(&mut self) -> Option<Packet> {
+            loop {
+                if let Ok(Some(p)) = protocol::decode(&mut self.buf, Some(ProtocolVersion::V5), 1 << 20) {
+                    return Some(p);
+                }
+                let read =
+                    tokio::time::timeout(Duration::from_secs(10), self.s.read_buf(&mut self.buf)).await;
+                match read {
+                    Ok(Ok(n)) if n > 0 => {}
+                    _ => return None,
+                }
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_leader_that_hands_over_disconnects_with_use_another_server() {
+        let dir = tempfile::tempdir().unwrap();
+        let nodes = start_three(dir.path()).await;
+        let l = leader_of(&nodes).await;
+        let (mut c, ack) = Client::connect(nodes[l].mqtt_addrs()[0], true).await;
+        assert!(matches!(ack, Packet::ConnAck(ref a) if a.reason_code == 0), "{ack:?}");
+
+        let to = (l + 1) % 3;
+        nodes[l].raft().transfer_leader(to as u64 + 1).await.unwrap();
+        match c.recv().await {
+            Some(Packet::Disconnect(d)) => {
+                assert_eq!(d.reason_code, reason::USE_ANOTHER_SERVER);
+                // The reference is the new leader once this node knows it.
+                if let Some(r) = &d.server_reference {
+                    assert_eq!(r, &nodes[to].mqtt_addrs()[0].to_string());
+                }
+            }
+            other => panic!("expected DISCONNECT 0x9C, got {other:?}"),
+        }
+        assert!(c.recv().await.is_none(), "closed after DISCONNECT");
+        let l2 = leader_of(&nodes).await;
+        assert_eq!(l2, to);
+        // The old leader now refers new clients to the new one.
+        let (_, ack) = Client::connect(nodes[l].mqtt_addrs()[0], false).await;
+        match ack {
+            Packet::ConnAck(a) => {
+                assert_eq!(a.reason_code, reason::USE_ANOTHER_SERVER);
+                assert_eq!(a.properties.server_reference, Some(nodes[to].mqtt_addrs()[0].to_string()));
+            }
+            other => panic!("{other:?}"),
+        }
+        // The session moved with the leadership: it is present on the new leader.
+        let (_, ack) = Client::connect(nodes[to].mqtt_addrs()[0], false).await;
+        assert!(matches!(ack, Packet::ConnAck(ref a) if a.reason_code == 0 && a.session_present), "{ack:?}");
+        for n in nodes {
+            n.stop().await;
+        }
+    }
+}
