@@ -396,10 +396,8 @@ mod raft_tests {
             assert!(rx.await.expect("answered").is_ok());
         }
         // The last proposal is the last applied: commit order = proposal order.
-        let st = state.read();
-        let kept = st.retained("order").expect("retained message");
-        assert_eq!(kept.payload, bytes::Bytes::from((N - 1).to_string()));
-        drop(st);
+        let kept = state.read().retained("order").map(|m| m.payload.clone());
+        assert_eq!(kept, Some(bytes::Bytes::from((N - 1).to_string())));
         let batches = Metrics::get(&metrics.batches_applied);
         assert_eq!(Metrics::get(&metrics.commands_applied), N as u64);
         assert!(batches < N as u64, "group commit: {batches} batches for {N} commands");
