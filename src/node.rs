@@ -479,14 +479,19 @@ mod tests {
         assert!(c.recv().await.is_none(), "closed after DISCONNECT");
         let l2 = leader_of(&nodes).await;
         assert_eq!(l2, to);
-        // The old leader now refers new clients to the new one.
-        let (_, ack) = Client::connect(nodes[l].mqtt_addrs()[0], false).await;
-        match ack {
-            Packet::ConnAck(a) => {
-                assert_eq!(a.reason_code, reason::USE_ANOTHER_SERVER);
-                assert_eq!(a.properties.server_reference, Some(nodes[to].mqtt_addrs()[0].to_string()));
+        // The old leader now refers new clients to the new one (once it has
+        // heard from it: until then it refuses without a reference).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, ack) = Client::connect(nodes[l].mqtt_addrs()[0], false).await;
+            let Packet::ConnAck(a) = ack else { panic!("{ack:?}") };
+            assert_eq!(a.reason_code, reason::USE_ANOTHER_SERVER);
+            if let Some(r) = a.properties.server_reference {
+                assert_eq!(r, nodes[to].mqtt_addrs()[0].to_string());
+                break;
             }
-            other => panic!("{other:?}"),
+            assert!(tokio::time::Instant::now() < deadline, "the old leader never learnt the new one");
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         // The session moved with the leadership: it is present on the new leader.
         let (_, ack) = Client::connect(nodes[to].mqtt_addrs()[0], false).await;
