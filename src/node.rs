@@ -500,4 +500,34 @@ mod tests {
             n.stop().await;
         }
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_leader_without_quorum_stops_serving_and_disconnects() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut nodes = start_three(dir.path()).await;
+        let l = leader_of(&nodes).await;
+        let (mut c, ack) = Client::connect(nodes[l].mqtt_addrs()[0], true).await;
+        assert!(matches!(ack, Packet::ConnAck(ref a) if a.reason_code == 0), "{ack:?}");
+        let leader = nodes.remove(l);
+        for n in nodes {
+            n.stop().await;
+        }
+        // Within an election timeout or so the cut-off leader closes its clients.
+        let started = std::time::Instant::now();
+        match c.recv().await {
+            Some(Packet::Disconnect(d)) => assert_eq!(d.reason_code, reason::USE_ANOTHER_SERVER),
+            other => panic!("expected DISCONNECT 0x9C, got {other:?}"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
+        assert!(!leader.broker().is_serving());
+        let status = RaftView { raft: leader.raft().clone(), broker: leader.broker().clone() }.node_status();
+        assert!(!status.serving && !status.ready, "{status:?}");
+        // And refuses new ones.
+        let (_, ack) = Client::connect(leader.mqtt_addrs()[0], true).await;
+        assert!(
+            matches!(ack, Packet::ConnAck(ref a) if a.reason_code == reason::USE_ANOTHER_SERVER),
+            "{ack:?}"
+        );
+        leader.stop().await;
+    }
 }
