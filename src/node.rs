@@ -58,11 +58,13 @@ pub enum NodeError {
     Signal(std::io::Error),
 }
 
-/// Logs to stderr; the filter comes from `RAFTMQ_LOG` (or `RUST_LOG`), default `info`.
+/// Logs to stderr; the filter comes from `RAFTMQ_LOG` (or `RUST_LOG`), default
+/// `info,openraft=error` (openraft warns on every failed heartbeat to a node
+/// that is down: 20 lines a second per peer).
 pub fn init_logging() {
     let filter = std::env::var("RAFTMQ_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
-        .unwrap_or_else(|_| "info".to_string());
+        .unwrap_or_else(|_| "info,openraft=error".to_string());
     let filter = tracing_subscriber::EnvFilter::try_new(&filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // A second initialisation (tests) is harmless: keep the first subscriber.
