@@ -339,6 +339,18 @@ async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(inner: &Inner, io: &mut Io<S>
     let _ = tokio::time::timeout(Duration::from_secs(1), io.write_out(&inner.metrics)).await;
 }
 
+/// CONNACK 0x9C "use another server" with the leader as Server Reference
+/// when known (MQTT 5); 3.1.1 gets return code 3 "server unavailable".
+async fn refuse_not_serving<S: AsyncRead + AsyncWrite + Unpin>(inner: &Inner, io: &mut Io<S>) {
+    let mut properties = ConnAckProperties::default();
+    if io.version.is_v5() {
+        properties.server_reference = inner.serving.server_reference();
+    }
+    let ack = ConnAck { session_present: false, reason_code: reason::USE_ANOTHER_SERVER, properties };
+    io.send(&Packet::ConnAck(ack), &inner.metrics);
+    let _ = tokio::time::timeout(Duration::from_secs(1), io.write_out(&inner.metrics)).await;
+}
+
 fn random_client_id() -> String {
     use rand::Rng;
     let mut rng = rand::rng();
@@ -353,6 +365,11 @@ where
 {
     let version = c.protocol.0;
     io.version = version;
+    if !inner.serving.is_on() {
+        // Not the serving leader (serving.rs): point the client elsewhere.
+        Box::pin(refuse_not_serving(&inner, &mut io)).await;
+        return None;
+    }
     if io.rbuf.is_empty() {
         // Do not keep the CONNECT's read chunk alive for the connection's lifetime.
         io.rbuf = BytesMut::new();
@@ -1264,6 +1281,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         if flags & flag::SHUTDOWN != 0 {
             return Err(Close::server(reason::SERVER_SHUTTING_DOWN, "server shutting down"));
         }
+        if flags & flag::NOT_SERVING != 0 {
+            return Err(Close::server(reason::USE_ANOTHER_SERVER, "not the leader"));
+        }
         if flags & flag::TAKEOVER != 0 {
             return Err(Close::server(reason::SESSION_TAKEN_OVER, "session taken over"));
         }
@@ -1496,6 +1516,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
     async fn finish(mut self: Box<Self>, close: Close) {
         let metrics = self.inner.metrics.clone();
         let publish_will = !matches!(close, Close::Client { will: false });
+        // This node stopped serving: nothing it proposes can commit any more,
+        // and the next leader ends the session (ResetConnections, wills). Drop
+        // what was pending without acknowledging it.
+        let stepped_down = matches!(close, Close::Server { reason: reason::USE_ANOTHER_SERVER, .. });
+        if stepped_down {
+            self.pending.clear();
+            self.unsent = 0;
+            self.acks.clear();
+        }
         // The session is offline from now on: the router hands its messages to
         // State (queued for a persistent session) instead of this closing
         // connection, and SessionClose takes its place in the pipeline at once.
@@ -1508,7 +1537,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
                 }
             }
         }
-        let session_close = if self.managed {
+        let session_close = if self.managed && !stepped_down {
             let close_cmd = pb::SessionClose {
                 client_id: self.client_id.to_string(),
                 session_expiry_s: Some(self.session_expiry),
@@ -1524,7 +1553,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         if let Close::Server { reason, text } = close {
             tracing::debug!(client_id = %self.client_id, reason, text, "server closes connection");
             if self.version.is_v5() && reason >= 0x80 {
-                self.send(&Packet::Disconnect(Disconnect::with_reason(reason, text)));
+                let mut d = Disconnect::with_reason(reason, text);
+                if reason == reason::USE_ANOTHER_SERVER {
+                    d.server_reference = self.inner.serving.server_reference();
+                }
+                self.send(&Packet::Disconnect(d));
             }
         }
         if !self.io.wbuf.is_empty() {
@@ -1554,7 +1587,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             }
         }
 
-        if self.managed {
+        if self.managed && !stepped_down {
             // Subscriber acks reach State before anyone can resume the session.
             self.flush_acks().await;
             let (tx, rx) = oneshot::channel();
@@ -1571,7 +1604,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
                 },
                 None => tracing::warn!(client_id = %self.client_id, "session close not proposed"),
             }
-        } else if publish_will {
+        } else if publish_will && !stepped_down {
             if let Some(w) = self.cold.as_mut().and_then(|c| c.will.take()) {
                 // A non-persistent session ends with its connection, so the will
                 // is due now whatever its delay (MQTT 5 3.1.3.2.2: delay or session end).

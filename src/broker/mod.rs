@@ -32,6 +32,7 @@ mod connection;
 pub mod metrics;
 pub mod pipeline;
 mod router;
+pub mod serving;
 mod session;
 mod sys;
 #[cfg(test)]
@@ -55,6 +56,7 @@ use crate::state::{pb, Event, Limits, State};
 
 pub use metrics::Metrics;
 pub use pipeline::{Pipeline, PipelineError};
+pub use serving::EventRelay;
 
 use router::{Router, SubValue, Target};
 use session::{flag, Delivery, Mailbox, Message, Push};
@@ -155,6 +157,8 @@ pub(crate) struct Inner {
     pub shutting_down: AtomicBool,
     /// Latest `$SYS` messages, delivered as retained to new `$SYS` subscribers.
     pub sys_retained: Mutex<Vec<Arc<Message>>>,
+    /// Whether CONNECTs are accepted now (serving.rs).
+    pub serving: serving::Serving,
 }
 
 /// The broker (see the module docs). Cheap to clone.
@@ -177,6 +181,29 @@ impl Broker {
         auth: Arc<dyn Authenticator>,
         state: Arc<RwLock<State>>,
     ) -> Broker {
+        Self::build(config, auth, state, None)
+    }
+
+    /// The broker of a node: commands go through `raft` (which applies them to
+    /// `state` and hands the events to `relay`); MQTT is served only while
+    /// this node is the serving leader (serving.rs).
+    pub fn with_raft(
+        config: BrokerConfig,
+        auth: Arc<dyn Authenticator>,
+        state: Arc<RwLock<State>>,
+        raft: crate::raft::RaftNode,
+        relay: &EventRelay,
+        commit_timeout: Duration,
+    ) -> Broker {
+        Self::build(config, auth, state, Some((raft, relay, commit_timeout)))
+    }
+
+    fn build(
+        config: BrokerConfig,
+        auth: Arc<dyn Authenticator>,
+        state: Arc<RwLock<State>>,
+        raft: Option<(crate::raft::RaftNode, &EventRelay, Duration)>,
+    ) -> Broker {
         let metrics = Arc::new(Metrics::default());
         let (ack_tx, ack_rx) = mpsc::channel(1024);
         let inner = Arc::new_cyclic(|weak: &Weak<Inner>| {
@@ -186,7 +213,14 @@ impl Broker {
                     inner.on_events(events);
                 }
             });
-            let pipeline = Pipeline::start(state.clone(), sink, metrics.clone());
+            let pipeline = match &raft {
+                None => Pipeline::start(state.clone(), sink, metrics.clone()),
+                Some((node, relay, timeout)) => {
+                    relay.bind(weak.clone());
+                    Pipeline::start_raft(node.clone(), metrics.clone(), *timeout)
+                }
+            };
+            let serving = if raft.is_some() { serving::Serving::off() } else { serving::Serving::always() };
             Inner {
                 config,
                 auth,
@@ -201,9 +235,13 @@ impl Broker {
                 coarse_ms: AtomicU64::new(0),
                 shutting_down: AtomicBool::new(false),
                 sys_retained: Mutex::new(Vec::new()),
+                serving,
             }
         });
-        if inner.restore_sessions() {
+        if let Some((node, _, _)) = raft {
+            // Sessions are restored when this node starts serving.
+            tokio::spawn(serving::run(Arc::downgrade(&inner), node));
+        } else if inner.restore_sessions() {
             // The State came from a snapshot: connections it marks online are
             // gone; end them as abnormal disconnects before anyone connects
             // (first in the pipeline's FIFO).
@@ -251,6 +289,16 @@ impl Broker {
 
     pub fn pipeline(&self) -> &Pipeline {
         &self.inner.pipeline
+    }
+
+    /// Whether this broker accepts MQTT clients now (the serving leader).
+    pub fn is_serving(&self) -> bool {
+        self.inner.serving.is_on()
+    }
+
+    /// Waits until the broker serves, at most `timeout`; returns whether it does.
+    pub async fn wait_serving(&self, timeout: Duration) -> bool {
+        self.inner.serving.wait_on(timeout).await
     }
 
     /// Tells every connection to close (MQTT 5: DISCONNECT 0x8B) and waits

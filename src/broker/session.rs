@@ -70,6 +70,8 @@ pub(crate) mod flag {
     pub const SHUTDOWN: u8 = 4;
     /// State holds new in-flight messages for this session.
     pub const STATE: u8 = 8;
+    /// This node stopped serving (not the leader any more): close with 0x9C.
+    pub const NOT_SERVING: u8 = 16;
 }
 
 /// Result of offering a delivery to a mailbox.
