@@ -101,11 +101,13 @@ fn toml_str(s: &str) -> String {
 /// The configuration file of `node` in a cluster of `all`.
 pub fn config_text(node: &NodePlan, all: &[NodePlan]) -> String {
     let mut t = String::new();
-    let _ = writeln!(t, "# Written by `raftmq local-cluster`: node {} of {} on loopback.", node.id, all.len());
+    let _ =
+        writeln!(t, "# Written by `raftmq local-cluster`: node {} of {} on loopback.", node.id, all.len());
     let _ = writeln!(t, "# Start this node alone with: raftmq serve --config {}", node.config.display());
     let _ = writeln!(t, "node_id = {}", node.id);
     let _ = writeln!(t, "data_dir = {}", toml_str(&node.dir.to_string_lossy()));
-    let _ = writeln!(t, "\n[[listeners]]\nname = \"default\"\nkind = \"tcp\"\nbind = {}", toml_str(&node.mqtt));
+    let _ =
+        writeln!(t, "\n[[listeners]]\nname = \"default\"\nkind = \"tcp\"\nbind = {}", toml_str(&node.mqtt));
     let _ = writeln!(t, "\n[admin]\nlisten = {}", toml_str(&node.admin));
     let _ = writeln!(t, "\n[cluster]\nlisten = {}\nnodes = [", toml_str(&node.cluster));
     for n in all {
@@ -125,7 +127,8 @@ pub fn config_text(node: &NodePlan, all: &[NodePlan]) -> String {
 /// Creates the folders and writes every node's configuration.
 pub fn write_configs(nodes: &[NodePlan]) -> Result<(), LocalClusterError> {
     for n in nodes {
-        std::fs::create_dir_all(&n.dir).map_err(|source| LocalClusterError::Write { path: n.dir.clone(), source })?;
+        std::fs::create_dir_all(&n.dir)
+            .map_err(|source| LocalClusterError::Write { path: n.dir.clone(), source })?;
         std::fs::write(&n.config, config_text(n, nodes))
             .map_err(|source| LocalClusterError::Write { path: n.config.clone(), source })?;
     }
@@ -222,7 +225,10 @@ async fn supervise(exe: PathBuf, nodes: Vec<NodePlan>, dir: PathBuf) -> Result<E
     print!("{}", format_table(&nodes));
     println!("\nLogs: {}/node-N/raftmq.log", dir.display());
     println!("Status: raftmq ctl --url http://{first_admin} status");
-    println!("Kill a node to try failover; bring it back with: raftmq serve --config {}/node-N/raftmq.toml", dir.display());
+    println!(
+        "Kill a node to try failover; bring it back with: raftmq serve --config {}/node-N/raftmq.toml",
+        dir.display()
+    );
     use std::io::Write as _;
     let _ = std::io::stdout().flush();
 

@@ -114,8 +114,8 @@ pub async fn request(
         });
         let mut builder = Request::builder().method(method).uri(path).header(HOST, authority);
         if let Some(token) = token.filter(|t| !t.is_empty()) {
-            let value =
-                HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| http("invalid token".into()))?;
+            let value = HeaderValue::from_str(&format!("Bearer {token}"))
+                .map_err(|_| http("invalid token".into()))?;
             builder = builder.header(AUTHORIZATION, value);
         }
         for (name, value) in headers {
@@ -131,8 +131,7 @@ pub async fn request(
         let req = builder.body(Full::new(body)).map_err(|e| http(e.to_string()))?;
         let resp = sender.send_request(req).await.map_err(|e| http(e.to_string()))?;
         let status = resp.status().as_u16();
-        let content_type =
-            resp.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let content_type = resp.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_string);
         let body = Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)
             .collect()
             .await
@@ -173,7 +172,8 @@ mod tests {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap().to_string();
         drop(l);
-        let err = request(&addr, Method::GET, "/", None, &[], None, Duration::from_secs(5)).await.unwrap_err();
+        let err =
+            request(&addr, Method::GET, "/", None, &[], None, Duration::from_secs(5)).await.unwrap_err();
         assert!(matches!(err, ClientError::Connect { .. }), "{err}");
         assert!(err.to_string().contains(&addr), "{err}");
     }

@@ -204,7 +204,10 @@ pub(crate) fn route(m: &NodeMetrics, already_forwarded: bool) -> Result<Route, A
     if already_forwarded {
         return Err(err(
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("node {} got a forwarded request but is not the leader (leadership is changing); retry", m.node_id),
+            format!(
+                "node {} got a forwarded request but is not the leader (leadership is changing); retry",
+                m.node_id
+            ),
         ));
     }
     match (m.leader, &m.leader_addr) {
@@ -228,13 +231,14 @@ async fn forward(
     headers: &HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    // Handlers see the URI without the prefix the router was nested under.
+    let path = format!("{}{}", super::API_PREFIX, uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"));
     let mut extra = vec![(FORWARDED_HEADER, me.to_string())];
     if let Some(auth) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
         extra.push(("authorization", auth.to_string()));
     }
     let body = (!body.is_empty()).then_some(body);
-    let resp = client::request(admin_addr, method, path, None, &extra, body, FORWARD_TIMEOUT)
+    let resp = client::request(admin_addr, method, &path, None, &extra, body, FORWARD_TIMEOUT)
         .await
         .map_err(|e| err(StatusCode::BAD_GATEWAY, format!("cannot reach the leader (node {leader}): {e}")))?;
     let status = StatusCode::from_u16(resp.status).unwrap_or(StatusCode::BAD_GATEWAY);
@@ -392,13 +396,21 @@ pub(crate) async fn cluster_info(raft: &RaftNode) -> ClusterInfo {
 
 // ------------------------------------------------------------ membership
 
-async fn add_node(State(st): State<ApiState>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+async fn add_node(
+    State(st): State<ApiState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     on_leader(&st, method, &uri, &headers, body, |raft, body| async move {
         let req: AddNodeRequest = parse(&body)?;
         if req.id == 0 {
             return Err(err(StatusCode::BAD_REQUEST, "node id must be at least 1"));
         }
-        for (name, v) in [("cluster", &req.cluster_addr), ("mqtt", &req.mqtt_addr), ("admin", &req.admin_addr)] {
+        for (name, v) in
+            [("cluster", &req.cluster_addr), ("mqtt", &req.mqtt_addr), ("admin", &req.admin_addr)]
+        {
             if v.trim().is_empty() {
                 return Err(err(StatusCode::BAD_REQUEST, format!("the {name} address is empty")));
             }
@@ -461,7 +473,10 @@ async fn remove_node(
             return Err(err(StatusCode::NOT_FOUND, format!("node {id} is not a member")));
         }
         if m.voters.len() == 1 && m.voters.contains(&id) {
-            return Err(err(StatusCode::BAD_REQUEST, format!("node {id} is the last voter; it cannot be removed")));
+            return Err(err(
+                StatusCode::BAD_REQUEST,
+                format!("node {id} is the last voter; it cannot be removed"),
+            ));
         }
         tracing::info!(node = id, "removing a node");
         with_timeout(MEMBERSHIP_TIMEOUT, raft.remove_node(id)).await?;
@@ -516,7 +531,13 @@ async fn transfer_leader(
     .await
 }
 
-async fn pin_leader(State(st): State<ApiState>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+async fn pin_leader(
+    State(st): State<ApiState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     on_leader(&st, method, &uri, &headers, body, |raft, body| async move {
         let req: NodeIdRequest = parse(&body)?;
         require_voter(&raft.metrics(), req.node_id)?;

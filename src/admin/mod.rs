@@ -38,6 +38,9 @@ use tokio_util::sync::CancellationToken;
 use crate::raft::RaftNode;
 use cluster::{ApiState, ErrorBody};
 
+/// Where the REST API lives.
+pub const API_PREFIX: &str = "/api/v1";
+
 /// Content type of the Prometheus text exposition format.
 pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -174,7 +177,11 @@ pub fn router(view: Arc<dyn AdminView>, token: Option<String>) -> Router {
 }
 
 /// Every admin route, the cluster routes served by `raft`.
-pub fn router_with_cluster(view: Arc<dyn AdminView>, token: Option<String>, raft: Option<Arc<RaftNode>>) -> Router {
+pub fn router_with_cluster(
+    view: Arc<dyn AdminView>,
+    token: Option<String>,
+    raft: Option<Arc<RaftNode>>,
+) -> Router {
     let token: Option<Arc<str>> = token.filter(|t| !t.is_empty()).map(Arc::from);
     let api = api_routes()
         .route_layer(middleware::from_fn_with_state(token, require_token))
@@ -185,7 +192,7 @@ pub fn router_with_cluster(view: Arc<dyn AdminView>, token: Option<String>, raft
         .route("/health/leader", get(health_leader))
         .route("/metrics", get(metrics))
         .with_state(view)
-        .nest("/api/v1", api)
+        .nest(API_PREFIX, api)
 }
 
 /// The `/api/v1` routes (relative paths). Add later REST endpoints here: they get
@@ -240,5 +247,7 @@ async fn api_status(State(view): State<Arc<dyn AdminView>>) -> Json<NodeStatus> 
     Json(view.node_status())
 }
 
+#[cfg(test)]
+mod cluster_tests;
 #[cfg(test)]
 mod tests;

@@ -89,7 +89,9 @@ pub enum LeaderCommand {
 pub enum CtlError {
     #[error("{0}")]
     Url(ClientError),
-    #[error("cannot connect to the admin API at {url}: {source} (is the node running? set --url or RAFTMQ_URL)")]
+    #[error(
+        "cannot connect to the admin API at {url}: {source} (is the node running? set --url or RAFTMQ_URL)"
+    )]
     Connect { url: String, source: std::io::Error },
     #[error("the admin API at {url} refused the request: the token is missing or wrong (use --token or RAFTMQ_TOKEN)")]
     Unauthorized { url: String },
@@ -182,8 +184,10 @@ pub async fn execute(args: &CtlArgs) -> Result<String, CtlError> {
     let raw = |b: Bytes| format!("{}\n", String::from_utf8_lossy(&b));
     match &args.command {
         CtlCommand::Status => {
-            let (status, status_raw): (NodeStatus, _) = api.call(Method::GET, "/status", None, TIMEOUT).await?;
-            let (cluster, cluster_raw): (ClusterInfo, _) = api.call(Method::GET, "/cluster", None, TIMEOUT).await?;
+            let (status, status_raw): (NodeStatus, _) =
+                api.call(Method::GET, "/status", None, TIMEOUT).await?;
+            let (cluster, cluster_raw): (ClusterInfo, _) =
+                api.call(Method::GET, "/cluster", None, TIMEOUT).await?;
             if args.json {
                 return Ok(format!(
                     "{{\"node\":{},\"cluster\":{}}}\n",
@@ -271,13 +275,23 @@ pub fn format_status(s: &NodeStatus, c: &ClusterInfo) -> String {
     let voters = c.nodes.iter().filter(|n| n.voter).count();
     let reachable = c.nodes.iter().filter(|n| n.reachable).count();
     let mut out = String::new();
-    let _ = writeln!(out, "node         {} ({}{})", s.node_id, role_text(s.role), if s.serving { ", serving" } else { "" });
+    let _ = writeln!(
+        out,
+        "node         {} ({}{})",
+        s.node_id,
+        role_text(s.role),
+        if s.serving { ", serving" } else { "" }
+    );
     let _ = writeln!(out, "leader       {leader}");
     let _ = writeln!(out, "term         {}", s.term);
     let _ = writeln!(out, "commit index {}", s.commit_index);
     let _ = writeln!(out, "applied      {}", s.applied_index);
     let _ = writeln!(out, "mode         {}", mode_text(c.mode));
-    let _ = writeln!(out, "pinned       {}", c.pinned_leader.map(|p| format!("node {p}")).unwrap_or_else(|| "none".into()));
+    let _ = writeln!(
+        out,
+        "pinned       {}",
+        c.pinned_leader.map(|p| format!("node {p}")).unwrap_or_else(|| "none".into())
+    );
     let _ = writeln!(
         out,
         "members      {} ({} voters, {} learners), {} reachable",

@@ -42,7 +42,11 @@ fn cluster() -> ClusterInfo {
         pinned_leader: Some(3),
         last_log_index: Some(120),
         commit_index: Some(120),
-        nodes: vec![member(1, true, true, true), member(2, false, true, true), member(3, false, false, false)],
+        nodes: vec![
+            member(1, true, true, true),
+            member(2, false, true, true),
+            member(3, false, false, false),
+        ],
     }
 }
 
@@ -92,7 +96,8 @@ fn status_summarizes_node_and_cluster() {
 fn leader_messages() {
     let info = LeaderInfo { leader_id: Some(2), pinned_leader: Some(3) };
     assert_eq!(format_leader(&LeaderCommand::Transfer { id: 2 }, &info), "leadership moved to node 2\n");
-    assert!(format_leader(&LeaderCommand::Pin { id: 3 }, &info).starts_with("leadership pinned to node 3 (leader now: 2)"));
+    assert!(format_leader(&LeaderCommand::Pin { id: 3 }, &info)
+        .starts_with("leadership pinned to node 3 (leader now: 2)"));
     assert_eq!(format_leader(&LeaderCommand::Unpin, &info), "leadership unpinned (leader now: 2)\n");
 }
 
@@ -103,15 +108,31 @@ fn command_line() {
     assert!(cli.args.json);
     assert!(matches!(cli.args.command, CtlCommand::Leader(LeaderCommand::Pin { id: 3 })));
     let cli = Cli::try_parse_from([
-        "ctl", "add-node", "4", "--cluster", "c:1", "--mqtt", "m:1", "--admin", "a:1", "--learner",
+        "ctl",
+        "add-node",
+        "4",
+        "--cluster",
+        "c:1",
+        "--mqtt",
+        "m:1",
+        "--admin",
+        "a:1",
+        "--learner",
     ])
     .unwrap();
     match cli.args.command {
-        CtlCommand::AddNode { id, cluster, learner, .. } => assert_eq!((id, cluster.as_str(), learner), (4, "c:1", true)),
+        CtlCommand::AddNode { id, cluster, learner, .. } => {
+            assert_eq!((id, cluster.as_str(), learner), (4, "c:1", true))
+        }
         other => panic!("{other:?}"),
     }
     // Usage errors exit with 2.
-    for bad in [vec!["ctl"], vec!["ctl", "leader", "pin"], vec!["ctl", "add-node", "4"], vec!["ctl", "remove-node", "x"]] {
+    for bad in [
+        vec!["ctl"],
+        vec!["ctl", "leader", "pin"],
+        vec!["ctl", "add-node", "4"],
+        vec!["ctl", "remove-node", "x"],
+    ] {
         let e = Cli::try_parse_from(bad.clone()).unwrap_err();
         assert_eq!(e.exit_code(), 2, "{bad:?}");
     }
@@ -156,7 +177,8 @@ async fn errors_say_what_is_wrong() {
     }
 
     // An answer that is not the expected JSON.
-    let addr = fake_server(Router::new().route("/api/v1/cluster", get(|| async { (StatusCode::OK, "nope") }))).await;
+    let addr =
+        fake_server(Router::new().route("/api/v1/cluster", get(|| async { (StatusCode::OK, "nope") }))).await;
     let e = execute(&args(format!("http://{addr}"), None, CtlCommand::Members)).await.unwrap_err();
     assert!(matches!(e, CtlError::BadResponse { .. }), "{e}");
 
@@ -170,7 +192,8 @@ async fn errors_say_what_is_wrong() {
 async fn json_output_is_the_api_answer() {
     let body = cluster();
     let served = body.clone();
-    let addr = fake_server(Router::new().route("/api/v1/cluster", get(move || async move { Json(served) }))).await;
+    let addr =
+        fake_server(Router::new().route("/api/v1/cluster", get(move || async move { Json(served) }))).await;
     let mut a = args(format!("http://{addr}"), None, CtlCommand::Members);
     a.json = true;
     let out = execute(&a).await.unwrap();

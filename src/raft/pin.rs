@@ -77,12 +77,10 @@ impl RaftNode {
                 let (matched, last_ack) = if *id == self.id && is_leader {
                     (m.last_log_index, Some(Duration::ZERO))
                 } else {
-                    let matched = m
-                        .replication
-                        .as_ref()
-                        .and_then(|r| r.get(id).cloned().flatten())
-                        .map(|l| l.index);
-                    let ack = m.heartbeat.as_ref().and_then(|h| h.get(id).cloned().flatten()).map(|t| t.elapsed());
+                    let matched =
+                        m.replication.as_ref().and_then(|r| r.get(id).cloned().flatten()).map(|l| l.index);
+                    let ack =
+                        m.heartbeat.as_ref().and_then(|h| h.get(id).cloned().flatten()).map(|t| t.elapsed());
                     (matched, ack)
                 };
                 MemberProgress { id: *id, addr: addr.clone(), voter: voters.contains(id), matched, last_ack }
@@ -97,9 +95,7 @@ impl RaftNode {
         let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
         let batch = pb::Batch {
             now_ms,
-            commands: vec![pb::Command {
-                cmd: Some(pb::command::Cmd::PinLeader(pb::PinLeader { node_id })),
-            }],
+            commands: vec![pb::Command { cmd: Some(pb::command::Cmd::PinLeader(pb::PinLeader { node_id })) }],
         };
         let mut results = self.propose(&batch).await?;
         match results.pop() {
@@ -123,14 +119,21 @@ impl RaftNode {
                 .map_err(super::write_error)?;
         }
         if self.members().iter().any(|p| p.id == id) {
-            self.raft.change_membership(ChangeMembers::RemoveNodes(one), false).await.map_err(super::write_error)?;
+            self.raft
+                .change_membership(ChangeMembers::RemoveNodes(one), false)
+                .await
+                .map_err(super::write_error)?;
         }
         Ok(())
     }
 }
 
 /// Whether the leader described by `m` should hand leadership to `pinned` now.
-pub fn should_transfer(m: &NodeMetrics, pinned: Option<NodeId>, members: &[MemberProgress]) -> Option<NodeId> {
+pub fn should_transfer(
+    m: &NodeMetrics,
+    pinned: Option<NodeId>,
+    members: &[MemberProgress],
+) -> Option<NodeId> {
     let pinned = pinned?;
     if m.role != Role::Leader || pinned == m.node_id || m.leader != Some(m.node_id) {
         return None;
@@ -163,7 +166,11 @@ pub(super) fn spawn(node: RaftNode, mut stop: watch::Receiver<bool>) {
             let Some(to) = should_transfer(&m, node.pinned_leader(), &node.members()) else {
                 continue;
             };
-            tracing::info!(node = node.id, to, "leadership is pinned to node {to}, which is healthy: transferring");
+            tracing::info!(
+                node = node.id,
+                to,
+                "leadership is pinned to node {to}, which is healthy: transferring"
+            );
             last_attempt = Some(tokio::time::Instant::now());
             if let Err(e) = node.transfer_leader(to).await {
                 tracing::warn!(error = %e, "leader transfer to the pinned node failed");
@@ -199,7 +206,11 @@ mod tests {
     fn member(id: NodeId, voter: bool, matched: Option<u64>, ack_ms: Option<u64>) -> MemberProgress {
         MemberProgress {
             id,
-            addr: NodeAddr { cluster_addr: String::new(), mqtt_addr: String::new(), admin_addr: String::new() },
+            addr: NodeAddr {
+                cluster_addr: String::new(),
+                mqtt_addr: String::new(),
+                admin_addr: String::new(),
+            },
             voter,
             matched,
             last_ack: ack_ms.map(Duration::from_millis),
