@@ -231,15 +231,25 @@ fn local_cluster_ctl_transfer_pin_failover_and_membership() {
     let leader = wait_leader(base, &all, None);
     let follower = *all.iter().find(|i| **i != leader).unwrap();
     let fa = addrs(base, follower).admin;
+    // Right after the election a node may still be catching up (openraft calls
+    // it a learner until it has the membership): wait until all have settled.
+    let info = wait_until("every node settled", DEADLINE, || {
+        members(&fa).filter(|m| {
+            m.nodes.iter().all(|n| {
+                n.reachable && n.lag.is_some() && matches!(n.role.as_deref(), Some("leader" | "follower"))
+            })
+        })
+    });
+    assert_eq!(info.answered_by, u64::from(leader), "a follower asks the leader");
+    assert_eq!(info.leader_id, Some(u64::from(leader)));
+    assert_eq!(info.nodes.len(), 3);
+    assert!(info.nodes.iter().all(|n| n.voter), "{info:?}");
     let status = ctl_ok(&fa, &["status"]);
     assert!(status.contains(&format!("node         {follower} (follower")), "{status}");
     assert!(status.contains(&format!("leader       {leader} ")), "{status}");
+    assert!(status.contains("members      3 (3 voters, 0 learners), 3 reachable"), "{status}");
     let table = ctl_ok(&fa, &["members"]);
     assert!(table.contains(&format!("\n{leader}*  leader")), "{table}");
-    let info = members(&fa).unwrap();
-    assert_eq!(info.answered_by, u64::from(leader), "a follower asks the leader");
-    assert_eq!(info.nodes.len(), 3);
-    assert!(info.nodes.iter().all(|n| n.voter && n.reachable && n.lag.is_some()), "{info:?}");
 
     // Transfer to a node that is neither the leader nor node 3.
     let target = *all.iter().find(|i| **i != leader && **i != 3).unwrap();
