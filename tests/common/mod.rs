@@ -196,10 +196,12 @@ impl Broker {
         }
     }
 
-    /// /health/live answers 200 and every MQTT port accepts connections.
+    /// /health/ready answers 200 (the node is the serving leader of its
+    /// one-member Raft group, so it takes clients) and every MQTT port accepts
+    /// connections.
     async fn ready(&self) -> bool {
         if !against_mosquitto() {
-            match http_get(self.admin, "/health/live").await {
+            match http_get(self.admin, "/health/ready").await {
                 Some((200, _)) => {}
                 _ => return false,
             }
