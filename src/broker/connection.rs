@@ -799,7 +799,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
                 Ok(())
             }
             Packet::PubRec(r) => {
-                self.on_pubrec(r);
+                self.on_pubrec(r)?;
                 Ok(())
             }
             Packet::PubRel(r) => self.on_pubrel(r),
@@ -1043,7 +1043,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         self.pump_out();
     }
 
-    fn on_pubrec(&mut self, r: PubResp) {
+    fn on_pubrec(&mut self, r: PubResp) -> Step {
         let pid = r.packet_id;
         let refused = r.reason_code >= 0x80;
         if let Some(f) = self.out_inflight.get_mut(&pid) {
@@ -1057,17 +1057,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             }
         } else if let Some(s) = self.state_sent().get(&pid).copied() {
             match s {
-                Sent::Publish { msg } | Sent::Released { msg } => {
+                Sent::Publish { msg } | Sent::Released { msg } if refused => {
                     self.ack(pid, pb::AckKind::Pubrec);
-                    if refused {
-                        self.ack(pid, pb::AckKind::Pubcomp);
-                        self.cold().state_sent.insert(pid, Sent::Done { msg });
-                    } else {
-                        self.cold().state_sent.insert(pid, Sent::Released { msg });
-                        self.send(&Packet::PubRel(PubResp::new(pid)));
-                    }
+                    self.ack(pid, pb::AckKind::Pubcomp);
+                    self.cold().state_sent.insert(pid, Sent::Done { msg });
                 }
-                Sent::Done { .. } => {}
+                Sent::Publish { msg } => {
+                    // The PUBREC must be committed before PUBREL goes out: a client
+                    // that has seen PUBREL completes and forgets the packet id, so a
+                    // new leader that did not know of the PUBREC would resend the
+                    // PUBLISH and the client would take it as a new message.
+                    self.cold().state_sent.insert(pid, Sent::Released { msg });
+                    let entry = pb::AckEntry {
+                        client_id: self.client_id.to_string(),
+                        packet_id: u32::from(pid),
+                        kind: pb::AckKind::Pubrec as i32,
+                    };
+                    let cmd = pb::Command { cmd: Some(pb::command::Cmd::Ack(pb::Ack { acks: vec![entry] })) };
+                    let pubrel =
+                        Action::Ack { packet: Packet::PubRel(PubResp::new(pid)), releases_quota: false };
+                    self.propose(cmd, pubrel)?;
+                }
+                // A repeated PUBREC: its PUBREL goes out (or went out) once the
+                // first one is committed; sending one now could overtake it.
+                Sent::Released { .. } | Sent::Done { .. } => {}
             }
         } else if self.version.is_v5() {
             self.send(&Packet::PubRel(PubResp::with_reason(pid, reason::PACKET_IDENTIFIER_NOT_FOUND)));
@@ -1078,6 +1091,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             self.scan_state();
         }
         self.pump_out();
+        Ok(())
     }
 
     fn on_pubcomp(&mut self, r: PubResp) {
