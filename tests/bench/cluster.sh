@@ -175,6 +175,30 @@ node_figures() {
   echo "$s"
 }
 
+# utime+stime of every node in clock ticks, "t1 t2 t3" ("0" when it is not running).
+node_ticks() {
+  local n pid s=""
+  for n in 1 2 3; do
+    pid=$(node_pid "$n")
+    s+=" $(sed 's/.*) //' "/proc/$pid/stat" 2>/dev/null | awk '{print $12 + $13}' || true)"
+  done
+  echo "$s" | awk '{print ($1 == "" ? 0 : $1), ($2 == "" ? 0 : $2), ($3 == "" ? 0 : $3)}'
+}
+
+# " cpu_us_per_msg_nodeN=.. cluster_cpu_us_per_msg=.." from two node_ticks samples.
+cpu_figures() {
+  local hz
+  hz=$(getconf CLK_TCK 2>/dev/null || echo 100)
+  awk -v a="$1" -v b="$2" -v msgs="$3" -v hz="$hz" 'BEGIN {
+    split(a, x, " "); split(b, y, " "); tot = 0
+    for (i = 1; i <= 3; i++) {
+      us = (y[i] - x[i]) * 1e6 / hz; tot += us
+      printf " cpu_us_per_msg_node%d=%s", i, (msgs > 0 ? sprintf("%.2f", us / msgs) : "-")
+    }
+    printf " cluster_cpu_us_per_msg=%s\n", (msgs > 0 ? sprintf("%.2f", tot / msgs) : "-")
+  }'
+}
+
 # One value of the leader's /metrics (a counter or a _sum/_count line without labels).
 metric() { awk -v m="$2" '$1 == m {print $2; exit}' "$1"; }
 
@@ -201,18 +225,21 @@ field() { tr ' ' '\n' <<<"$1" | awk -F= -v k="$2" '$1 == k {print $2; exit}'; }
 bench() { "${rt[@]}" "$RAFTMQ_BIN" bench --threads 1 --timeout "$BENCH_TIMEOUT" "$@"; }
 
 run_qos1_raftmq() {
-  local dir=$1 port pid admin line extra
+  local dir=$1 port pid admin line extra ticks0 ticks1
   start_cluster "$dir"
   port=$((cluster_base + leader - 1)) admin=$((cluster_base + 100 + leader - 1)) pid=$(node_pid "$leader")
   curl -s -m 5 "http://127.0.0.1:$admin/metrics" >"$dir/metrics.before" || true
+  ticks0=$(node_ticks)
   if bench --host 127.0.0.1 --port "$port" --broker-pid "$pid" --scenario p2p --qos 1 --msgs "$MSGS" \
     --clients "$PAIRS" --inflight "$INFLIGHT" --persistent >"$dir/bench.out" 2>"$dir/bench.err"; then
     line=$(grep '^RESULT ' "$dir/bench.out" | tail -n 1)
   else
     line="RESULT failed (see $dir/bench.err)"
   fi
+  ticks1=$(node_ticks)
   curl -s -m 5 "http://127.0.0.1:$admin/metrics" >"$dir/metrics.after" || true
-  extra=" leader=$leader$(raft_figures "$dir/metrics.before" "$dir/metrics.after" "$(field "$line" published)")$(node_figures)"
+  extra=" leader=$leader$(raft_figures "$dir/metrics.before" "$dir/metrics.after" "$(field "$line" published)")"
+  extra+="$(cpu_figures "$ticks0" "$ticks1" "$(field "$line" published)")$(node_figures)"
   stop_all
   echo "case=qos1 broker=raftmq $line$extra" | tee -a "$results"
 }
@@ -340,7 +367,7 @@ for c in $CASES; do
     qos1)
       summary qos1 msgs_per_s ge 1
       for m in p50_ms p99_ms ack_p50_ms ack_p99_ms broker_cpu_us_per_op lost; do summary qos1 "$m" ratio -; done
-      for m in msgs_per_fsync msgs_per_entry entries_per_fsync commit_mean_ms rss_kb_node1 rss_kb_node2 rss_kb_node3 disk_kb_node1 disk_kb_node2 disk_kb_node3; do
+      for m in cluster_cpu_us_per_msg cpu_us_per_msg_node1 cpu_us_per_msg_node2 cpu_us_per_msg_node3 msgs_per_fsync msgs_per_entry entries_per_fsync commit_mean_ms rss_kb_node1 rss_kb_node2 rss_kb_node3 disk_kb_node1 disk_kb_node2 disk_kb_node3; do
         summary qos1 "$m" info -
       done
       ;;
