@@ -35,6 +35,9 @@
 #   OUT            directory for logs and raw RESULT lines (default: a new temp dir)
 #   BENCH_TIMEOUT  --timeout of each tool run in seconds (default 180)
 #   CHRT           if set (e.g. 10), run brokers and tool under `chrt -f $CHRT` (root)
+#   KEEP_DATA      if set, keep each cluster's data folders (by default only the
+#                  node logs are kept, as $OUT/<run>/node-N.log: a run writes up to
+#                  ~120 MB per node)
 #
 # Raw lines are kept in $OUT/results.txt as "case=<name> broker=<name> RESULT ... <extra fields>".
 set -euo pipefail
@@ -161,6 +164,13 @@ start_cluster() {
   return 1
 }
 
+# After a cluster run: keep the node logs, drop the data unless KEEP_DATA is set.
+drop_data() {
+  local dir=$1 n
+  for n in 1 2 3; do cp "$dir/cluster/node-$n/raftmq.log" "$dir/node-$n.log" 2>/dev/null || true; done
+  [[ -n "${KEEP_DATA:-}" ]] || rm -rf "$dir/cluster"
+}
+
 node_pid() { cat "$cluster_dir/node-$1/raftmq.pid" 2>/dev/null || echo 0; }
 
 # " rss_kb_nodeN=.. disk_kb_nodeN=.." for every node (rss "-" when it is not running).
@@ -241,6 +251,7 @@ run_qos1_raftmq() {
   extra=" leader=$leader$(raft_figures "$dir/metrics.before" "$dir/metrics.after" "$(field "$line" published)")"
   extra+="$(cpu_figures "$ticks0" "$ticks1" "$(field "$line" published)")$(node_figures)"
   stop_all
+  drop_data "$dir"
   echo "case=qos1 broker=raftmq $line$extra" | tee -a "$results"
 }
 
@@ -310,6 +321,7 @@ run_storm() {
   fi
   extra+=" old_leader=$old leader=$leader kill_to_leader_ms=$new_leader_ms$(node_figures)"
   stop_all
+  drop_data "$dir"
   echo "case=$case broker=raftmq $line$extra" | tee -a "$results"
 }
 
