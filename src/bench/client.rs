@@ -31,7 +31,12 @@ pub(crate) struct Conn {
     pub version: ProtocolVersion,
     /// The broker's Receive Maximum from CONNACK (MQTT 5; 65535 when absent).
     pub receive_maximum: u16,
+    /// Session Present of the CONNACK.
+    pub session_present: bool,
 }
+
+/// Session Expiry Interval a persistent MQTT 5 client asks for, seconds.
+pub(crate) const PERSISTENT_EXPIRY_S: u32 = 3600;
 
 /// What `open` needs to reach the broker.
 pub(crate) struct Dial {
@@ -44,6 +49,9 @@ pub(crate) struct Dial {
     pub buffer: usize,
     pub deadline: Instant,
     pub name: String,
+    /// Keep the session: clean session 0 (3.1.1), or clean start 0 with a
+    /// session expiry of [`PERSISTENT_EXPIRY_S`] (MQTT 5).
+    pub persistent: bool,
 }
 
 impl Conn {
@@ -69,19 +77,24 @@ impl Conn {
             wbuf: BytesMut::with_capacity(dial.buffer),
             version: dial.version,
             receive_maximum: u16::MAX,
+            session_present: false,
         };
-        let connect = Connect {
+        let mut connect = Connect {
             protocol: ProtocolVersionOrDefault(dial.version),
-            clean_start: true,
+            clean_start: !dial.persistent,
             keep_alive: dial.keepalive,
             client_id: dial.client_id,
             ..Connect::default()
         };
+        if dial.persistent && dial.version.is_v5() {
+            connect.properties.session_expiry_interval = Some(PERSISTENT_EXPIRY_S);
+        }
         conn.queue(&Packet::Connect(connect))?;
         conn.flush().await?;
         match conn.recv(dial.deadline).await? {
             Packet::ConnAck(ack) if ack.reason_code == 0 => {
                 conn.receive_maximum = ack.properties.receive_maximum.unwrap_or(u16::MAX).max(1);
+                conn.session_present = ack.session_present;
                 Ok(conn)
             }
             Packet::ConnAck(ack) => Err(BenchError::Refused { what: name, code: ack.reason_code }),

@@ -1,5 +1,6 @@
 //! Opening many connections with a bounded number of handshakes in flight,
-//! and the two connection scenarios built on it: conn-rate and idle-conns.
+//! and the connection scenarios built on it: conn-rate, idle-conns and
+//! reconnect-storm.
 
 use std::time::Duration;
 
@@ -10,7 +11,7 @@ use super::client::{Conn, Dial};
 use super::latency::Latency;
 use super::procfs::ProcSample;
 use super::report::{BenchReport, BrokerFigures};
-use super::{BenchError, Plan};
+use super::{BenchError, Plan, StormPhase};
 
 /// Handshakes (TCP connect + CONNECT/CONNACK [+ SUBSCRIBE/SUBACK]) in flight at once.
 pub(crate) const HANDSHAKES_IN_FLIGHT: usize = 64;
@@ -33,9 +34,17 @@ pub(crate) struct OpenMany {
 }
 
 /// Opens `count` connections named `<role> <i>`, each optionally subscribing
-/// to `filter(i)`, with at most [`HANDSHAKES_IN_FLIGHT`] in progress.
+/// to `filter(i)`, with at most [`HANDSHAKES_IN_FLIGHT`] in progress;
+/// `persistent` ones keep their sessions under fixed client ids.
 /// Failures are counted, not fatal: the caller decides.
-pub(crate) async fn open_many<F>(plan: &Plan, count: usize, role: &str, filter: F, buffer: usize) -> OpenMany
+pub(crate) async fn open_many<F>(
+    plan: &Plan,
+    count: usize,
+    role: &str,
+    filter: F,
+    buffer: usize,
+    persistent: bool,
+) -> OpenMany
 where
     F: Fn(usize) -> Option<String>,
 {
@@ -57,12 +66,13 @@ where
             let dial = Dial {
                 addr: plan.addr,
                 source: plan.source_ip(i),
-                client_id: format!("bench-{}-{role}-{i}", plan.run_id),
+                client_id: plan.client_id(role, i, persistent),
                 keepalive: plan.keepalive,
                 version: plan.version,
                 buffer,
                 deadline,
                 name: format!("{role} {i}"),
+                persistent,
             };
             let filter = filter(i);
             let qos = plan.qos;
@@ -118,7 +128,7 @@ fn sample(pid: Option<u32>) -> Result<Option<ProcSample>, BenchError> {
 /// the connect phase.
 pub(crate) async fn conn_rate(plan: &Plan) -> Result<BenchReport, BenchError> {
     let before = sample(plan.broker_pid)?;
-    let opened = open_many(plan, plan.clients, "conn", |_| None, 256).await;
+    let opened = open_many(plan, plan.clients, "conn", |_| None, 256, false).await;
     let after = sample(plan.broker_pid)?;
     let connected = opened.conns.len() as u64;
     if connected == 0 {
@@ -159,7 +169,8 @@ pub(crate) async fn idle_conns(plan: &Plan) -> Result<BenchReport, BenchError> {
     let before = sample(plan.broker_pid)?;
     let subscribe = plan.subscribe;
     let opened =
-        open_many(plan, plan.clients, "idle", |i| subscribe.then(|| format!("bench/idle/{i}")), 64).await;
+        open_many(plan, plan.clients, "idle", |i| subscribe.then(|| format!("bench/idle/{i}")), 64, false)
+            .await;
     let connected = opened.conns.len() as u64;
     if connected == 0 {
         if let Some(e) = opened.first_error {
@@ -208,5 +219,83 @@ pub(crate) async fn idle_conns(plan: &Plan) -> Result<BenchReport, BenchError> {
         });
     }
     close_all(conns).await;
+    Ok(report)
+}
+
+/// Client ids of the storm are `bench-storm-<i>`, topics `bench/storm/<i>`.
+const STORM_ROLE: &str = "storm";
+
+/// reconnect-storm: N persistent clients connect, subscribe (one filter each)
+/// and disconnect (setup); then all reconnect to --host/--port with at most
+/// [`HANDSHAKES_IN_FLIGHT`] handshakes in flight (resume). The resume figures
+/// are the report: time from the first connect to the last CONNACK, conn/s,
+/// handshake percentiles, and how many CONNACKs had session present = 1.
+/// With `--storm-phase setup` only the setup runs (its own figures), so a
+/// script can kill the leader before `--storm-phase resume`.
+pub(crate) async fn reconnect_storm(plan: &Plan) -> Result<BenchReport, BenchError> {
+    let mut report = BenchReport::new(plan);
+    let mut failed = 0u64;
+    if plan.storm_phase != StormPhase::Resume {
+        let opened =
+            open_many(plan, plan.clients, STORM_ROLE, |i| Some(format!("bench/storm/{i}")), 64, true).await;
+        let connected = opened.conns.len() as u64;
+        if connected == 0 {
+            if let Some(e) = opened.first_error {
+                return Err(e);
+            }
+        }
+        failed += opened.failed;
+        report.first_error = opened.first_error.map(|e| e.to_string());
+        report.setup_s = Some(opened.elapsed.as_secs_f64());
+        close_all(opened.conns.into_iter().map(|(_, c)| c).collect()).await;
+        if plan.storm_phase == StormPhase::Setup {
+            let secs = opened.elapsed.as_secs_f64();
+            report.connected = Some(connected);
+            report.failed = Some(failed);
+            report.elapsed_s = secs;
+            report.conn_per_s = (secs > 0.0).then(|| connected as f64 / secs);
+            report.p50_ms = opened.handshakes.quantile_ms(0.5);
+            report.p99_ms = opened.handshakes.quantile_ms(0.99);
+            report.max_ms = opened.handshakes.max_ms();
+            return Ok(report);
+        }
+    }
+    let before = sample(plan.broker_pid)?;
+    let opened = open_many(plan, plan.clients, STORM_ROLE, |_| None, 256, true).await;
+    let after = sample(plan.broker_pid)?;
+    let connected = opened.conns.len() as u64;
+    if connected == 0 {
+        if let Some(e) = opened.first_error {
+            return Err(e);
+        }
+    }
+    let present = opened.conns.iter().filter(|(_, c)| c.session_present).count() as u64;
+    let secs = opened.elapsed.as_secs_f64();
+    report.connected = Some(connected);
+    report.failed = Some(failed + opened.failed);
+    if let Some(e) = opened.first_error {
+        report.first_error.get_or_insert(e.to_string());
+    }
+    report.elapsed_s = secs;
+    report.conn_per_s = (secs > 0.0).then(|| connected as f64 / secs);
+    report.p50_ms = opened.handshakes.quantile_ms(0.5);
+    report.p99_ms = opened.handshakes.quantile_ms(0.99);
+    report.max_ms = opened.handshakes.max_ms();
+    report.sessions_present = Some(present);
+    // Clients that failed to reconnect did not get their session back either.
+    report.sessions_missing = Some(plan.clients as u64 - present);
+    if let (Some(pid), Some(b), Some(a)) = (plan.broker_pid, before, after) {
+        let cpu_us = a.cpu_us_since(&b);
+        report.broker = Some(BrokerFigures {
+            pid,
+            cpu_us,
+            cpu_us_per_op: (connected > 0).then(|| cpu_us as f64 / connected as f64),
+            cpu_us_per_delivery: None,
+            rss_kb_before: b.rss_kb,
+            rss_kb: a.rss_kb,
+            peak_rss_kb: a.hwm_kb,
+        });
+    }
+    close_all(opened.conns.into_iter().map(|(_, c)| c).collect()).await;
     Ok(report)
 }

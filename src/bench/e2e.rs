@@ -1,8 +1,10 @@
 //! End-to-end runs of the scenarios against a minimal in-process MQTT peer
-//! (just enough broker for the tool: CONNACK, SUBACK, routing by exact topic
-//! or `prefix/#`, the QoS 1/2 handshakes both ways). The real runs against
+//! (just enough broker for the tool: CONNACK with session present for a
+//! client id that connected before without clean start, SUBACK, routing by
+//! exact topic or `prefix/#`, the QoS 1/2 handshakes both ways). The real runs against
 //! Mosquitto and raftmq are benchmarks (tests/bench/compare.sh), not tests.
 
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
@@ -10,10 +12,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
-use super::{run_async, BenchArgs, Scenario};
+use super::{run_async, BenchArgs, Scenario, StormPhase};
 use crate::protocol::{decode, encode, ConnAck, Packet, ProtocolVersion, PubResp, Publish, QoS, SubAck};
 
 type Routes = Arc<Mutex<Vec<(String, QoS, mpsc::Sender<Publish>)>>>;
+/// Client ids whose session the peer keeps (connected without clean start).
+type Sessions = Arc<Mutex<HashSet<String>>>;
 
 fn matches(filter: &str, topic: &str) -> bool {
     match filter.strip_suffix("/#") {
@@ -27,15 +31,16 @@ async fn start_peer() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind an ephemeral port");
     let port = listener.local_addr().expect("local address").port();
     let routes: Routes = Arc::new(Mutex::new(Vec::new()));
+    let sessions: Sessions = Arc::new(Mutex::new(HashSet::new()));
     tokio::spawn(async move {
         while let Ok((sock, _)) = listener.accept().await {
-            tokio::spawn(serve(sock, Arc::clone(&routes)));
+            tokio::spawn(serve(sock, Arc::clone(&routes), Arc::clone(&sessions)));
         }
     });
     port
 }
 
-async fn serve(mut sock: TcpStream, routes: Routes) {
+async fn serve(mut sock: TcpStream, routes: Routes, sessions: Sessions) {
     let (tx, mut rx) = mpsc::channel::<Publish>(1024);
     let mut version: Option<ProtocolVersion> = None;
     let mut rbuf = BytesMut::with_capacity(64 * 1024);
@@ -56,7 +61,17 @@ async fn serve(mut sock: TcpStream, routes: Routes) {
                     let reply = match packet {
                         Packet::Connect(c) => {
                             version = Some(c.protocol.0);
-                            Some(Packet::ConnAck(ConnAck::default()))
+                            let mut known = sessions.lock().expect("sessions lock");
+                            // MQTT 5 without a session expiry ends the session with the connection.
+                            let keeps = !c.clean_start
+                                && (!c.protocol.0.is_v5() || c.properties.session_expiry_interval.unwrap_or(0) > 0);
+                            let session_present = !c.clean_start && known.contains(&c.client_id);
+                            if keeps {
+                                known.insert(c.client_id);
+                            } else {
+                                known.remove(&c.client_id);
+                            }
+                            Some(Packet::ConnAck(ConnAck { session_present, ..ConnAck::default() }))
                         }
                         Packet::Subscribe(s) => {
                             let mut codes = Vec::new();
@@ -192,4 +207,49 @@ async fn an_unreachable_broker_is_an_error_not_a_hang() {
     assert!(matches!(r, Err(super::BenchError::Io { .. })), "{r:?}");
     let r = run_async(BenchArgs { clients: Some(10), ..args(port, Scenario::ConnRate) }).await;
     assert!(r.is_err());
+}
+
+#[tokio::test]
+async fn persistent_p2p_reports_publish_to_puback_latency() {
+    let port = start_peer().await;
+    let a = BenchArgs { qos: 1, msgs: Some(500), persistent: true, protocol: 5, ..args(port, Scenario::P2p) };
+    let r = run_async(a).await.expect("persistent p2p run");
+    assert_eq!((r.published, r.received), (Some(500), Some(500)));
+    assert!(r.ack_p50_ms.is_some() && r.ack_p99_ms >= r.ack_p50_ms);
+    let line = r.result_line();
+    assert!(!line.contains(" ack_p50_ms=- "), "{line}");
+    // QoS 0 has no acknowledgement to time.
+    let r = run_async(BenchArgs { msgs: Some(100), ..args(port, Scenario::P2p) }).await.expect("qos 0 run");
+    assert!(r.ack_p50_ms.is_none());
+}
+
+#[tokio::test]
+async fn reconnect_storm_finds_every_session_again() {
+    for protocol in [3u8, 5] {
+        let port = start_peer().await;
+        let a = BenchArgs { qos: 1, clients: Some(150), protocol, ..args(port, Scenario::ReconnectStorm) };
+        let r = run_async(a).await.expect("reconnect storm");
+        assert_eq!(r.connected, Some(150), "protocol {protocol}");
+        assert_eq!((r.sessions_present, r.sessions_missing), (Some(150), Some(0)), "protocol {protocol}");
+        assert!(r.setup_s.is_some() && r.conn_per_s.is_some());
+        let line = r.result_line();
+        assert!(line.starts_with("RESULT scenario=reconnect-storm qos=1 clients=150 "), "{line}");
+        assert!(line.contains(" sessions_present=150 sessions_missing=0 "), "{line}");
+    }
+}
+
+#[tokio::test]
+async fn storm_phases_split_across_runs_and_count_lost_sessions() {
+    let port = start_peer().await;
+    let storm =
+        |phase| BenchArgs { clients: Some(80), storm_phase: phase, ..args(port, Scenario::ReconnectStorm) };
+    let r = run_async(storm(StormPhase::Setup)).await.expect("setup phase");
+    assert_eq!((r.connected, r.sessions_present), (Some(80), None));
+    let r = run_async(storm(StormPhase::Resume)).await.expect("resume phase");
+    assert_eq!((r.sessions_present, r.sessions_missing), (Some(80), Some(0)));
+    // A broker that lost the sessions (here: another peer) answers session present 0.
+    let other = start_peer().await;
+    let r =
+        run_async(BenchArgs { port: other, ..storm(StormPhase::Resume) }).await.expect("resume elsewhere");
+    assert_eq!((r.connected, r.sessions_present, r.sessions_missing), (Some(80), Some(0), Some(80)));
 }

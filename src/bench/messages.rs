@@ -34,6 +34,8 @@ const AWAIT_COMP: u8 = 2;
 
 struct PubResult {
     sent: u64,
+    /// PUBLISH written to PUBACK/PUBCOMP read (QoS 1/2).
+    acks: Latency,
     conn: Conn,
 }
 
@@ -104,11 +106,13 @@ pub(crate) async fn run(plan: &Plan) -> Result<BenchReport, BenchError> {
     let topo = topology(plan);
     let filters: Vec<String> = topo.sub_filters.iter().map(|(f, _)| f.clone()).collect();
     let subs = first_failure(
-        open_many(plan, filters.len(), "sub", |i| filters.get(i).cloned(), 64 * 1024).await,
+        open_many(plan, filters.len(), "sub", |i| filters.get(i).cloned(), 64 * 1024, plan.persistent).await,
         "subscriber",
     )?;
-    let pubs =
-        first_failure(open_many(plan, topo.pub_topics.len(), "pub", |_| None, 64 * 1024).await, "publisher")?;
+    let pubs = first_failure(
+        open_many(plan, topo.pub_topics.len(), "pub", |_| None, 64 * 1024, false).await,
+        "publisher",
+    )?;
 
     let counters: Arc<Vec<AtomicU64>> = Arc::new((0..topo.counters).map(|_| AtomicU64::new(0)).collect());
     let (done_tx, done_rx) = watch::channel(false);
@@ -151,12 +155,14 @@ pub(crate) async fn run(plan: &Plan) -> Result<BenchReport, BenchError> {
     }
 
     let mut published = 0u64;
+    let mut acks = Latency::new();
     let mut conns = Vec::new();
     let mut error = None;
     while let Some(r) = pub_tasks.join_next().await {
         match r {
             Ok(Ok(p)) => {
                 published += p.sent;
+                acks.merge(&p.acks);
                 conns.push(p.conn);
             }
             Ok(Err(e)) => {
@@ -209,6 +215,9 @@ pub(crate) async fn run(plan: &Plan) -> Result<BenchReport, BenchError> {
     report.p50_ms = latency.quantile_ms(0.5);
     report.p99_ms = latency.quantile_ms(0.99);
     report.max_ms = latency.max_ms();
+    report.ack_p50_ms = acks.quantile_ms(0.5);
+    report.ack_p99_ms = acks.quantile_ms(0.99);
+    report.ack_max_ms = acks.max_ms();
     if let (Some(pid), Some(b), Some(a)) = (plan.broker_pid, broker_before, broker_after) {
         let cpu_us = a.cpu_us_since(&b);
         report.broker = Some(BrokerFigures {
@@ -259,6 +268,9 @@ async fn publisher(mut conn: Conn, ctx: PubCtx) -> Result<PubResult, BenchError>
         ..Publish::default()
     });
     let mut ids = vec![FREE; 65536];
+    // When each in-flight packet id was written (nanoseconds since the epoch).
+    let mut sent_at = vec![0u64; 65536];
+    let mut acks = Latency::new();
     let mut next_id: u16 = 0;
     let mut inflight = 0u64;
     let mut sent = 0u64;
@@ -304,7 +316,11 @@ async fn publisher(mut conn: Conn, ctx: PubCtx) -> Result<PubResult, BenchError>
             conn.queue(&packet)?;
             // The payload is the last part of a PUBLISH: stamp it in place.
             let start = conn.wbuf.len() - ctx.size;
-            encode_stamp(&mut conn.wbuf[start..start + STAMP_LEN], nanos_since(ctx.epoch));
+            let stamp = nanos_since(ctx.epoch);
+            encode_stamp(&mut conn.wbuf[start..start + STAMP_LEN], stamp);
+            if let Packet::Publish(Publish { packet_id: Some(id), .. }) = &packet {
+                sent_at[usize::from(*id)] = stamp;
+            }
             sent += 1;
         }
         if budget > 0 {
@@ -315,7 +331,9 @@ async fn publisher(mut conn: Conn, ctx: PubCtx) -> Result<PubResult, BenchError>
         if can_send {
             // Flat out (QoS 0, or room in the window): read only what is already there.
             if acked {
-                handle_acks(&mut conn, &mut ids, &mut inflight)?;
+                handle_acks(&mut conn, &mut ids, &mut inflight, &mut |id| {
+                    acks.record_ns(nanos_since(ctx.epoch).saturating_sub(sent_at[usize::from(id)]))
+                })?;
                 conn.flush_by(ctx.deadline).await?;
             }
             continue;
@@ -328,18 +346,26 @@ async fn publisher(mut conn: Conn, ctx: PubCtx) -> Result<PubResult, BenchError>
                 r = conn.fill() => r?,
                 _ = sleep_until(wake) => {}
             }
-            handle_acks(&mut conn, &mut ids, &mut inflight)?;
+            handle_acks(&mut conn, &mut ids, &mut inflight, &mut |id| {
+                acks.record_ns(nanos_since(ctx.epoch).saturating_sub(sent_at[usize::from(id)]))
+            })?;
             conn.flush_by(ctx.deadline).await?;
         } else {
             sleep_until(wake).await;
         }
     }
-    Ok(PubResult { sent, conn })
+    Ok(PubResult { sent, acks, conn })
 }
 
-/// Consumes the acknowledgements already read: PUBACK/PUBCOMP free a slot,
-/// PUBREC is answered with PUBREL.
-fn handle_acks(conn: &mut Conn, ids: &mut [u8], inflight: &mut u64) -> Result<(), BenchError> {
+/// Consumes the acknowledgements already read: PUBACK/PUBCOMP free a slot
+/// (and are passed to `completed` with their packet id), PUBREC is answered
+/// with PUBREL.
+fn handle_acks(
+    conn: &mut Conn,
+    ids: &mut [u8],
+    inflight: &mut u64,
+    completed: &mut impl FnMut(u16),
+) -> Result<(), BenchError> {
     while let Some(p) = conn.next_packet()? {
         let (r, next) = match &p {
             Packet::PubAck(r) | Packet::PubComp(r) => (r, FREE),
@@ -376,6 +402,7 @@ fn handle_acks(conn: &mut Conn, ids: &mut [u8], inflight: &mut u64) -> Result<()
             conn.queue(&Packet::PubRel(PubResp::new(r.packet_id)))?;
         } else {
             *inflight = inflight.saturating_sub(1);
+            completed(r.packet_id);
         }
         ids[slot] = next;
     }

@@ -76,6 +76,24 @@ pub enum Scenario {
     ConnRate,
     /// N connections held for --duration seconds; broker memory per connection.
     IdleConns,
+    /// N persistent clients connect, subscribe and disconnect, then all
+    /// reconnect (at most 64 handshakes in flight): time until every session is back.
+    ReconnectStorm,
+}
+
+/// Which part of `reconnect-storm` a run does, so a script can kill the
+/// leader between the two (client ids are fixed, so a second process resumes
+/// the sessions of the first).
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StormPhase {
+    /// Setup, then resume on the same --host/--port.
+    #[default]
+    All,
+    /// Connect, subscribe, disconnect: leaves N offline persistent sessions.
+    Setup,
+    /// Reconnect all N and count CONNACKs with session present.
+    Resume,
 }
 
 impl Scenario {
@@ -86,6 +104,7 @@ impl Scenario {
             Scenario::Fanout => "fanout",
             Scenario::ConnRate => "conn-rate",
             Scenario::IdleConns => "idle-conns",
+            Scenario::ReconnectStorm => "reconnect-storm",
         }
     }
 
@@ -94,6 +113,7 @@ impl Scenario {
             Scenario::P2p => 1,
             Scenario::Fanin | Scenario::Fanout => 10,
             Scenario::ConnRate | Scenario::IdleConns => 1000,
+            Scenario::ReconnectStorm => 10_000,
         }
     }
 }
@@ -147,6 +167,14 @@ pub struct BenchArgs {
     /// idle-conns: each connection subscribes to one topic of its own.
     #[arg(long)]
     pub subscribe: bool,
+    /// Subscribers keep their sessions: clean session 0 (3.1.1), or clean
+    /// start 0 with session expiry 3600 s (MQTT 5), and fixed client ids
+    /// (bench-<role>-<i>) so they can resume. reconnect-storm always is.
+    #[arg(long)]
+    pub persistent: bool,
+    /// reconnect-storm: both phases (default), or only setup or resume.
+    #[arg(long, value_enum, default_value = "all")]
+    pub storm_phase: StormPhase,
     /// Broker process id: report its CPU time per operation and its memory.
     #[arg(long)]
     pub broker_pid: Option<u32>,
@@ -178,6 +206,8 @@ impl Default for BenchArgs {
             protocol: 3,
             src_ips: 1,
             subscribe: false,
+            persistent: false,
+            storm_phase: StormPhase::All,
             broker_pid: None,
             threads: 1,
             keepalive: 300,
@@ -202,6 +232,8 @@ pub(crate) struct Plan {
     pub version: ProtocolVersion,
     pub src_ips: u8,
     pub subscribe: bool,
+    pub persistent: bool,
+    pub storm_phase: StormPhase,
     pub broker_pid: Option<u32>,
     pub keepalive: u16,
     /// Distinguishes the client ids of concurrent tool processes.
@@ -216,6 +248,16 @@ impl Plan {
         }
         let last = 1 + (idx % usize::from(self.src_ips)) as u8;
         Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, last)))
+    }
+
+    /// Client id of connection `idx` of `role`: fixed for persistent
+    /// sessions (a later run resumes them), else unique to this run.
+    pub fn client_id(&self, role: &str, idx: usize, persistent: bool) -> String {
+        if persistent {
+            format!("bench-{role}-{idx}")
+        } else {
+            format!("bench-{}-{role}-{idx}", self.run_id)
+        }
     }
 }
 
@@ -273,8 +315,11 @@ fn plan(args: &BenchArgs) -> Result<Plan, BenchError> {
     let connections = match args.scenario {
         Scenario::P2p => clients.saturating_mul(2),
         Scenario::Fanin | Scenario::Fanout => clients.saturating_add(1),
-        Scenario::ConnRate | Scenario::IdleConns => clients,
+        Scenario::ConnRate | Scenario::IdleConns | Scenario::ReconnectStorm => clients,
     };
+    if args.storm_phase != StormPhase::All && args.scenario != Scenario::ReconnectStorm {
+        return bad("--storm-phase only applies to --scenario reconnect-storm".into());
+    }
     if let Some(limit) = procfs::open_files_limit() {
         if connections as u64 + FD_RESERVE > limit {
             return bad(format!(
@@ -309,6 +354,8 @@ fn plan(args: &BenchArgs) -> Result<Plan, BenchError> {
         version,
         src_ips: args.src_ips.max(1),
         subscribe: args.subscribe,
+        persistent: args.persistent || args.scenario == Scenario::ReconnectStorm,
+        storm_phase: args.storm_phase,
         broker_pid: args.broker_pid,
         keepalive: args.keepalive,
         run_id,
@@ -349,6 +396,7 @@ pub async fn run_async(args: BenchArgs) -> Result<BenchReport, BenchError> {
         Scenario::P2p | Scenario::Fanin | Scenario::Fanout => messages::run(&plan).await?,
         Scenario::ConnRate => conns::conn_rate(&plan).await?,
         Scenario::IdleConns => conns::idle_conns(&plan).await?,
+        Scenario::ReconnectStorm => conns::reconnect_storm(&plan).await?,
     };
     let wall = started.elapsed().as_secs_f64();
     let tool_after = ProcSample::of_self()?;
@@ -377,6 +425,29 @@ mod tests {
         }
         let bad_timeout = BenchArgs { timeout: -1.0, ..BenchArgs::default() };
         assert!(matches!(plan(&bad_timeout), Err(BenchError::InvalidArgs(_))));
+        let phase_without_storm = BenchArgs { storm_phase: StormPhase::Resume, ..BenchArgs::default() };
+        assert!(matches!(plan(&phase_without_storm), Err(BenchError::InvalidArgs(_))));
+    }
+
+    #[tokio::test]
+    async fn persistent_client_ids_are_fixed_and_storms_are_persistent() {
+        let p = plan(&BenchArgs { persistent: true, ..BenchArgs::default() }).expect("valid arguments");
+        assert!(p.persistent);
+        assert_eq!(p.client_id("sub", 3, true), "bench-sub-3");
+        assert_ne!(p.client_id("sub", 3, false), "bench-sub-3");
+        assert!(p.client_id("sub", 3, false).ends_with("-sub-3"));
+        let storm = plan(&BenchArgs {
+            scenario: Scenario::ReconnectStorm,
+            storm_phase: StormPhase::Setup,
+            clients: Some(100),
+            ..BenchArgs::default()
+        })
+        .expect("valid arguments");
+        assert!(storm.persistent, "reconnect-storm clients always keep their sessions");
+        assert_eq!(Scenario::ReconnectStorm.default_clients(), 10_000);
+        assert_eq!(storm.storm_phase, StormPhase::Setup);
+        let plain = plan(&BenchArgs::default()).expect("valid arguments");
+        assert!(!plain.persistent);
     }
 
     #[tokio::test]

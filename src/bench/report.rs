@@ -59,6 +59,16 @@ pub struct BenchReport {
     pub broker: Option<BrokerFigures>,
     /// idle-conns: broker RSS growth per held connection.
     pub bytes_per_conn: Option<f64>,
+    /// QoS 1/2 publishers: PUBLISH written to PUBACK (QoS 1) or PUBCOMP (QoS 2) read.
+    pub ack_p50_ms: Option<f64>,
+    pub ack_p99_ms: Option<f64>,
+    pub ack_max_ms: Option<f64>,
+    /// reconnect-storm: seconds the setup phase took to connect and subscribe all.
+    pub setup_s: Option<f64>,
+    /// reconnect-storm (resume): CONNACKs with session present = 1, and the
+    /// clients without (session present = 0 or not reconnected).
+    pub sessions_present: Option<u64>,
+    pub sessions_missing: Option<u64>,
     /// The tool's own CPU over the run, percent of one core.
     pub tool_cpu_pct: f64,
     /// Render as JSON rather than text (from --json).
@@ -96,14 +106,17 @@ impl BenchReport {
     }
 
     /// The machine-readable last line. The first fields are the shape of the
-    /// reference tool (shared/spec/performance.md); `published`, `lost` and
-    /// `broker_cpu_us_per_delivery` follow.
+    /// reference tool (shared/spec/performance.md); `published`, `lost`,
+    /// `broker_cpu_us_per_delivery`, then `ack_p50_ms`, `ack_p99_ms` (publish to
+    /// PUBACK/PUBCOMP), `sessions_present`, `sessions_missing` (reconnect-storm)
+    /// and `elapsed_s` (the measured phase) follow.
     pub fn result_line(&self) -> String {
         let b = self.broker.as_ref();
         format!(
             "RESULT scenario={} qos={} clients={} msgs={} msgs_per_s={} p50_ms={} p99_ms={} conn_per_s={} \
              broker_cpu_us_per_op={} broker_rss_kb={} broker_peak_rss_kb={} bytes_per_conn={} tool_cpu_pct={:.1} \
-             published={} lost={} broker_cpu_us_per_delivery={}",
+             published={} lost={} broker_cpu_us_per_delivery={} ack_p50_ms={} ack_p99_ms={} \
+             sessions_present={} sessions_missing={} elapsed_s={:.3}",
             self.scenario,
             self.qos,
             self.clients,
@@ -120,6 +133,11 @@ impl BenchReport {
             opt_u(self.published),
             opt_u(self.lost()),
             opt(b.and_then(|b| b.cpu_us_per_delivery), 2),
+            opt(self.ack_p50_ms, 3),
+            opt(self.ack_p99_ms, 3),
+            opt_u(self.sessions_present),
+            opt_u(self.sessions_missing),
+            self.elapsed_s,
         )
     }
 
@@ -155,6 +173,19 @@ impl BenchReport {
                 opt(self.p99_ms, 3),
                 opt(self.max_ms, 3)
             );
+            if self.ack_p50_ms.is_some() {
+                let _ = writeln!(
+                    s,
+                    "publish to {}: p50 {} ms, p99 {} ms, max {} ms",
+                    if self.qos == 2 { "PUBCOMP" } else { "PUBACK" },
+                    opt(self.ack_p50_ms, 3),
+                    opt(self.ack_p99_ms, 3),
+                    opt(self.ack_max_ms, 3)
+                );
+            }
+        }
+        if let Some(setup) = self.setup_s {
+            let _ = writeln!(s, "setup: connected and subscribed in {setup:.2} s");
         }
         if let Some(connected) = self.connected {
             let _ = writeln!(
@@ -172,6 +203,9 @@ impl BenchReport {
                     opt(self.p99_ms, 3),
                     opt(self.max_ms, 3)
                 );
+            }
+            if let (Some(present), Some(missing)) = (self.sessions_present, self.sessions_missing) {
+                let _ = writeln!(s, "sessions present {present}, missing {missing}");
             }
             if let Some(hold) = self.hold_s {
                 let _ = writeln!(s, "held for {hold:.1} s");
@@ -238,16 +272,21 @@ mod tests {
                 peak_rss_kb: 9100,
             }),
             tool_cpu_pct: 45.26,
+            ack_p50_ms: Some(0.31),
+            ack_p99_ms: Some(1.25),
+            ack_max_ms: Some(2.0),
             ..BenchReport::default()
         };
         assert_eq!(
             r.result_line(),
             "RESULT scenario=p2p qos=1 clients=1 msgs=99990 msgs_per_s=49995 p50_ms=0.450 p99_ms=0.900 \
              conn_per_s=- broker_cpu_us_per_op=19.80 broker_rss_kb=8600 broker_peak_rss_kb=9100 \
-             bytes_per_conn=- tool_cpu_pct=45.3 published=100000 lost=10 broker_cpu_us_per_delivery=-"
+             bytes_per_conn=- tool_cpu_pct=45.3 published=100000 lost=10 broker_cpu_us_per_delivery=- \
+             ack_p50_ms=0.310 ack_p99_ms=1.250 sessions_present=- sessions_missing=- elapsed_s=2.000"
         );
         let out = r.render();
         assert!(out.contains("10 lost"), "{out}");
+        assert!(out.contains("publish to PUBACK: p50 0.310 ms, p99 1.250 ms"), "{out}");
         assert!(out.lines().last().is_some_and(|l| l.starts_with("RESULT ")));
     }
 
@@ -271,6 +310,21 @@ mod tests {
         assert!(
             line.contains(" broker_cpu_us_per_op=- broker_rss_kb=- broker_peak_rss_kb=- bytes_per_conn=- ")
         );
+        let storm = BenchReport {
+            scenario: "reconnect-storm".into(),
+            sessions_present: Some(9_990),
+            sessions_missing: Some(10),
+            elapsed_s: 0.5,
+            ..r.clone()
+        };
+        let storm_line = storm.result_line();
+        assert!(
+            storm_line.ends_with(
+                " ack_p50_ms=- ack_p99_ms=- sessions_present=9990 sessions_missing=10 elapsed_s=0.500"
+            ),
+            "{storm_line}"
+        );
+        assert!(storm.human().contains("sessions present 9990, missing 10"));
         let out = r.render();
         let (json, last) = out.rsplit_once('\n').unwrap_or_default();
         let v: serde_json::Value = serde_json::from_str(json).expect("render emits valid JSON");
