@@ -61,7 +61,8 @@ impl Default for Config {
             mqtt: BrokerConfig::default(),
             listeners: Vec::new(),
             admin: AdminConfig::default(),
-            cluster: ClusterConfig::default(),
+            // No `nodes`: a single node, a Raft group of one (see node.rs).
+            cluster: ClusterConfig { nodes: Vec::new(), ..ClusterConfig::default() },
         }
     }
 }
@@ -92,6 +93,10 @@ impl Config {
         }
         figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__").ignore(ENV_NOT_CONFIG));
         let mut config: Config = figment.extract().map_err(Box::new)?;
+        if figment.find_value("cluster.nodes").is_err() {
+            // A `[cluster]` section without `nodes` (timings only) is still a single node.
+            config.cluster.nodes.clear();
+        }
         config.apply(overrides);
         config.validate()?;
         Ok(config)
@@ -128,7 +133,58 @@ impl Config {
         if self.node_id == 0 {
             return Err(ConfigError::Rule("node_id must be at least 1".into()));
         }
-        Ok(())
+        self.validate_cluster()
+    }
+
+    /// `[cluster]`: no `nodes` = a single node; otherwise a static list this
+    /// node is in (unless `join`), with distinct ids and addresses.
+    fn validate_cluster(&self) -> Result<(), ConfigError> {
+        let c = &self.cluster;
+        let rule = |m: String| Err(ConfigError::Rule(format!("[cluster] {m}")));
+        if c.nodes.is_empty() {
+            if c.join {
+                return rule("join = true needs the `nodes` of the cluster to join".into());
+            }
+            // Timings still apply to the group of one.
+            let mut one = c.clone();
+            one.nodes = vec![crate::raft::NodeInfo {
+                id: c.node_id,
+                cluster_addr: c.listen.clone(),
+                mqtt_addr: String::new(),
+                admin_addr: String::new(),
+            }];
+            return one.validate().map_err(|e| ConfigError::Rule(format!("[cluster] {e}")));
+        }
+        if !valid_host_port(&c.listen) {
+            return rule(format!("listen = {:?} is not host:port", c.listen));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for n in &c.nodes {
+            if n.id == 0 {
+                return rule("node ids must be at least 1".into());
+            }
+            for (key, addr) in
+                [("cluster_addr", &n.cluster_addr), ("mqtt_addr", &n.mqtt_addr), ("admin_addr", &n.admin_addr)]
+            {
+                if !valid_host_port(addr) {
+                    return rule(format!("node {}: {key} = {addr:?} is not host:port", n.id));
+                }
+                if !seen.insert((key, addr.as_str())) {
+                    return rule(format!("node {}: {key} {addr} is used by another node too", n.id));
+                }
+            }
+        }
+        c.validate().map_err(|e| ConfigError::Rule(format!("[cluster] {e}")))
+    }
+}
+
+/// `host:port` with a non-zero port (a host name, IPv4, or `[IPv6]`).
+fn valid_host_port(s: &str) -> bool {
+    match s.rsplit_once(':') {
+        Some((host, port)) => {
+            !host.is_empty() && !host.contains(char::is_whitespace) && port.parse::<u16>().is_ok_and(|p| p > 0)
+        }
+        None => false,
     }
 }
 
@@ -176,5 +232,80 @@ mod tests {
         std::fs::write(&path, "[mqtt]\nmax_packet_size = \"big\"\n").unwrap();
         let err = Config::load(Some(&path), &Overrides::default()).unwrap_err();
         assert!(err.to_string().contains("max_packet_size"), "{err}");
+    }
+
+    fn load_str(toml: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("raftmq.toml");
+        std::fs::write(&path, toml).unwrap();
+        Config::load(Some(&path), &Overrides::default())
+    }
+
+    const THREE: &str = r#"
+node_id = 2
+[cluster]
+listen = "127.0.0.1:22084"
+nodes = [
+  { id = 1, cluster_addr = "127.0.0.1:22083", mqtt_addr = "127.0.0.1:21883", admin_addr = "127.0.0.1:21983" },
+  { id = 2, cluster_addr = "127.0.0.1:22084", mqtt_addr = "127.0.0.1:21884", admin_addr = "127.0.0.1:21984" },
+  { id = 3, cluster_addr = "127.0.0.1:22085", mqtt_addr = "127.0.0.1:21885", admin_addr = "127.0.0.1:21985" },
+]
+"#;
+
+    #[test]
+    fn no_cluster_nodes_is_a_single_node() {
+        assert!(Config::load(None, &Overrides::default()).unwrap().cluster.nodes.is_empty());
+        // A [cluster] section with timings only is still a single node.
+        let c = load_str("[cluster]\nheartbeat_ms = 40\n").unwrap();
+        assert!(c.cluster.nodes.is_empty());
+        assert_eq!(c.cluster.heartbeat_ms, 40);
+        let err = load_str("[cluster]\nheartbeat_ms = 200\n").unwrap_err();
+        assert!(err.to_string().contains("heartbeat_ms"), "{err}");
+    }
+
+    #[test]
+    fn a_three_node_cluster_config_loads_and_copies_the_node_id() {
+        let c = load_str(THREE).unwrap();
+        assert_eq!(c.cluster.nodes.len(), 3);
+        assert_eq!(c.cluster.node_id, 2);
+        assert_eq!(c.cluster.listen, "127.0.0.1:22084");
+    }
+
+    #[test]
+    fn cluster_mistakes_are_clear_errors() {
+        let not_listed = THREE.replace("node_id = 2", "node_id = 7");
+        let err = load_str(&not_listed).unwrap_err().to_string();
+        assert!(err.contains("node_id 7 is not in `nodes`"), "{err}");
+
+        let dup_id = THREE.replace("{ id = 3,", "{ id = 2,");
+        let err = load_str(&dup_id).unwrap_err().to_string();
+        assert!(err.contains("duplicate node id"), "{err}");
+
+        let dup_addr = THREE.replace("127.0.0.1:21885", "127.0.0.1:21884");
+        let err = load_str(&dup_addr).unwrap_err().to_string();
+        assert!(err.contains("mqtt_addr 127.0.0.1:21884 is used by another node"), "{err}");
+
+        let no_port = THREE.replace("\"127.0.0.1:21985\"", "\"localhost\"");
+        let err = load_str(&no_port).unwrap_err().to_string();
+        assert!(err.contains("admin_addr = \"localhost\" is not host:port"), "{err}");
+
+        let err = load_str("[cluster]\njoin = true\n").unwrap_err().to_string();
+        assert!(err.contains("join = true needs"), "{err}");
+    }
+
+    #[test]
+    fn the_example_cluster_configs_load() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        for i in 1..=3u16 {
+            let path = root.join(format!("config/cluster/node{i}.toml"));
+            let c = Config::load(Some(&path), &Overrides::default()).unwrap();
+            assert_eq!(c.node_id, u64::from(i));
+            assert_eq!(c.cluster.nodes.len(), 3);
+            assert_eq!(c.listeners[0].bind.port(), 21883 + i - 1);
+            assert_eq!(c.admin.listen.port(), 21983 + i - 1);
+            assert_eq!(c.cluster.listen, format!("127.0.0.1:{}", 22083 + i - 1));
+        }
+        let c = Config::load(Some(&root.join("config/raftmq.toml")), &Overrides::default()).unwrap();
+        assert!(c.cluster.nodes.is_empty());
     }
 }

@@ -1,26 +1,44 @@
-//! A node: wires configuration, authentication, the broker, the MQTT listeners
-//! and the admin HTTP server together, and owns the order of start-up and
-//! shutdown.
+//! A node: wires configuration, authentication, the Raft node, the broker,
+//! the MQTT listeners and the admin HTTP server together, and owns the order
+//! of start-up and shutdown.
+//!
+//! A node always runs a [`RaftNode`]: a single node is a one-member Raft group
+//! (the same code path as a cluster). With no `[cluster] nodes` configured,
+//! the node is that group alone: it binds no cluster listener, bootstraps
+//! the group on first start and advertises its first MQTT listener. Its
+//! replicated state (sessions, queues, retained messages) lives in the Raft
+//! data under `data_dir/raft` and survives restarts.
 //!
 //! Start-up binds every socket before serving anything, so a port in use or a
 //! bad certificate stops the node with a clear error instead of leaving it half
-//! up. Shutdown (SIGINT or SIGTERM) stops accepting, lets the broker say
-//! goodbye to its clients (MQTT 5: DISCONNECT 0x8B), then ends.
+//! up. A single node accepts MQTT connections once it serves (a moment after
+//! start); a cluster node accepts at once, and refuses CONNECT (0x9C / 3)
+//! unless it is the serving leader. Shutdown (SIGINT or SIGTERM) stops
+//! accepting, lets the broker say goodbye to its clients (MQTT 5: DISCONNECT
+//! 0x8B), then stops Raft.
 //!
 //! This module holds no protocol or state logic; it only connects the parts.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
+use parking_lot::RwLock;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::admin::{AdminError, AdminServer, AdminView, Mode, NodeStatus, Role};
 use crate::auth::{AuthConfig, AuthError};
-use crate::broker::Broker;
+use crate::broker::{Broker, EventRelay};
 use crate::config::Config;
 use crate::listener::{Listener, ListenerError};
+use crate::raft::{self, ClusterConfig, NodeInfo, RaftError, RaftNode};
+use crate::state::State;
+
+/// How long a single node waits to become the leader of its group of one
+/// before it accepts MQTT anyway (CONNECTs are refused until it serves).
+const SINGLE_NODE_START: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -32,6 +50,8 @@ pub enum NodeError {
     Listener(#[from] ListenerError),
     #[error("admin HTTP: {0}")]
     Admin(#[from] AdminError),
+    #[error("raft: {0}")]
+    Raft(#[from] RaftError),
     #[error("cannot start the runtime: {0}")]
     Runtime(std::io::Error),
     #[error("cannot install the signal handler: {0}")]
@@ -69,12 +89,22 @@ pub fn run(config: Config) -> Result<(), NodeError> {
 /// A started node; `stop` ends it.
 pub struct Node {
     broker: Broker,
+    raft: RaftNode,
     shutdown: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    mqtt_addrs: Vec<SocketAddr>,
+    admin_addr: SocketAddr,
+}
+
+/// The commit timeout of the pipeline: two maximal election timeouts (a
+/// leader cut off from its quorum has stopped serving by then), at least 1 s
+/// so a slow fsync under load does not fail healthy proposals.
+pub fn commit_timeout(cluster: &ClusterConfig) -> Duration {
+    Duration::from_millis(cluster.election_timeout_max_ms.saturating_mul(2).max(1000))
 }
 
 impl Node {
-    /// Binds every socket, then starts serving.
+    /// Binds every socket, starts Raft, then starts serving.
     pub async fn start(config: Config) -> Result<Node, NodeError> {
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|source| NodeError::DataDir { path: config.data_dir.clone(), source })?;
@@ -94,14 +124,52 @@ impl Node {
         for cfg in &config.listeners {
             listeners.push(Listener::bind(cfg).await?);
         }
+        let mqtt_addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr()).collect();
 
-        let broker = Broker::new(config.mqtt.clone(), auth);
-        let mqtt_addr = listeners.first().map(|l| l.local_addr());
-        let view = Arc::new(SingleNodeView { node_id: config.node_id, mqtt_addr, broker: broker.clone() });
-        let admin = AdminServer::bind(&config.admin, view).await?;
+        // Raft first: it restores State (snapshot + log) before the broker uses it.
+        let single = config.cluster.nodes.is_empty();
+        let mut cluster = config.cluster.clone();
+        cluster.node_id = config.node_id;
+        if single {
+            cluster.nodes = vec![NodeInfo {
+                id: config.node_id,
+                cluster_addr: cluster.listen.clone(),
+                mqtt_addr: mqtt_addrs.first().map(|a| a.to_string()).unwrap_or_default(),
+                admin_addr: config.admin.listen.to_string(),
+            }];
+        }
+        let state = Arc::new(RwLock::new(State::new(config.mqtt.state_limits())));
+        let relay = EventRelay::new();
+        let raft = if single {
+            RaftNode::start_single(&cluster, &config.data_dir, state.clone(), relay.sink()).await?
+        } else {
+            RaftNode::start(&cluster, &config.data_dir, state.clone(), relay.sink()).await?
+        };
+        let broker =
+            Broker::with_raft(config.mqtt.clone(), auth, state, raft.clone(), &relay, commit_timeout(&cluster));
+
+        let view = Arc::new(RaftView { raft: raft.clone(), broker: broker.clone() });
+        let admin = match AdminServer::bind(&config.admin, view).await {
+            Ok(admin) => admin,
+            Err(e) => {
+                broker.shutdown().await;
+                let _ = raft.shutdown().await;
+                return Err(e.into());
+            }
+        };
+        let admin_addr = admin.local_addr();
 
         let shutdown = CancellationToken::new();
         let mut tasks = Vec::new();
+        let admin_shutdown = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = admin.run(admin_shutdown).await {
+                warn!(error = %e, "admin HTTP server stopped");
+            }
+        }));
+        if single && !broker.wait_serving(SINGLE_NODE_START).await {
+            warn!("the single node does not serve yet; MQTT clients are refused until it does");
+        }
         for listener in listeners {
             let broker = broker.clone();
             let handler = move |stream, peer: SocketAddr| {
@@ -110,22 +178,41 @@ impl Node {
             };
             tasks.push(tokio::spawn(listener.run(handler, shutdown.clone())));
         }
-        let admin_shutdown = shutdown.clone();
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) = admin.run(admin_shutdown).await {
-                warn!(error = %e, "admin HTTP server stopped");
-            }
-        }));
-        info!(node_id = config.node_id, data_dir = %config.data_dir.display(), "node started");
-        Ok(Node { broker, shutdown, tasks })
+        info!(
+            node_id = config.node_id,
+            data_dir = %config.data_dir.display(),
+            members = cluster.nodes.len(),
+            "node started"
+        );
+        Ok(Node { broker, raft, shutdown, tasks, mqtt_addrs, admin_addr })
     }
 
-    /// Stops accepting, disconnects every client, and waits for the tasks.
+    /// The bound MQTT listener addresses, in configuration order.
+    pub fn mqtt_addrs(&self) -> &[SocketAddr] {
+        &self.mqtt_addrs
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    pub fn broker(&self) -> &Broker {
+        &self.broker
+    }
+
+    pub fn raft(&self) -> &RaftNode {
+        &self.raft
+    }
+
+    /// Stops accepting, disconnects every client, waits for the tasks, stops Raft.
     pub async fn stop(self) {
         self.shutdown.cancel();
         self.broker.shutdown().await;
         for task in self.tasks {
             let _ = task.await;
+        }
+        if let Err(e) = self.raft.shutdown().await {
+            warn!(error = %e, "raft shutdown");
         }
     }
 }
@@ -139,34 +226,75 @@ async fn wait_for_signal() -> Result<(), NodeError> {
     }
 }
 
-/// What the admin endpoints report for a single node: it is always the serving
-/// leader of its one-member group.
-struct SingleNodeView {
-    node_id: u64,
-    mqtt_addr: Option<SocketAddr>,
+/// What the admin endpoints report: the Raft view of this node plus the
+/// broker's serving flag (full-sync: ready = leader = serving).
+struct RaftView {
+    raft: RaftNode,
     broker: Broker,
 }
 
-impl AdminView for SingleNodeView {
+fn admin_role(r: raft::Role) -> Role {
+    match r {
+        raft::Role::Leader => Role::Leader,
+        raft::Role::Candidate => Role::Candidate,
+        raft::Role::Learner => Role::Learner,
+        raft::Role::Follower | raft::Role::Shutdown => Role::Follower,
+    }
+}
+
+impl AdminView for RaftView {
     fn node_status(&self) -> NodeStatus {
-        // One batch of commands is what one Raft log entry will carry: its count
-        // is this single node's log index.
-        let applied = self.broker.metrics().batches_applied.load(std::sync::atomic::Ordering::Relaxed);
+        let m = self.raft.metrics();
+        // Serving needs both: Raft's rule, and the broker having taken over
+        // the sessions (ResetConnections applied, router rebuilt).
+        let serving = m.serving && self.broker.is_serving();
         NodeStatus {
-            node_id: self.node_id,
-            role: Role::Leader,
-            leader_id: Some(self.node_id),
-            leader_mqtt_addr: self.mqtt_addr.map(|a| a.to_string()),
-            term: 1,
-            commit_index: applied,
-            applied_index: applied,
+            node_id: m.node_id,
+            role: admin_role(m.role),
+            leader_id: m.leader,
+            leader_mqtt_addr: m.leader_addr.as_ref().map(|a| a.mqtt_addr.clone()),
+            term: m.term,
+            commit_index: m.commit_index.unwrap_or(0),
+            applied_index: m.applied_index.unwrap_or(0),
             mode: Mode::FullSync,
-            serving: true,
-            ready: true,
+            serving,
+            ready: serving,
         }
     }
 
     fn render_metrics(&self, out: &mut String) {
         self.broker.metrics().render_prometheus(out);
+        render_raft_metrics(&self.raft, self.broker.is_serving(), out);
+        self.broker.pipeline().commit_stats().render_prometheus(out);
+    }
+}
+
+/// Raft figures in Prometheus text format.
+fn render_raft_metrics(raft: &RaftNode, serving: bool, out: &mut String) {
+    use std::fmt::Write as _;
+    let m = raft.metrics();
+    let s = raft.storage_stats();
+    let commit = m.commit_index.unwrap_or(0);
+    let applied = m.applied_index.unwrap_or(0);
+    let rows: [(&str, &str, &str, f64); 16] = [
+        ("raftmq_raft_term", "gauge", "Current Raft term", m.term as f64),
+        ("raftmq_raft_is_leader", "gauge", "1 on the leader", f64::from(u8::from(m.role == raft::Role::Leader))),
+        ("raftmq_raft_serving", "gauge", "1 while this node serves MQTT", f64::from(u8::from(serving))),
+        ("raftmq_raft_leader_changes_total", "counter", "Leader changes seen", m.leader_changes as f64),
+        ("raftmq_raft_last_log_index", "gauge", "Last log index", m.last_log_index.unwrap_or(0) as f64),
+        ("raftmq_raft_commit_index", "gauge", "Committed log index", commit as f64),
+        ("raftmq_raft_applied_index", "gauge", "Applied log index", applied as f64),
+        ("raftmq_raft_apply_lag", "gauge", "Committed entries not yet applied", commit.saturating_sub(applied) as f64),
+        ("raftmq_raft_snapshot_index", "gauge", "Log index of the newest snapshot", m.snapshot_index.unwrap_or(0) as f64),
+        ("raftmq_raft_voters", "gauge", "Voting members", m.voters.len() as f64),
+        ("raftmq_raft_fsyncs_total", "counter", "Log flushes (fsync), one per group commit", s.flushes as f64),
+        ("raftmq_raft_appends_total", "counter", "Log append calls", s.appends as f64),
+        ("raftmq_raft_entries_appended_total", "counter", "Log entries appended", s.entries as f64),
+        ("raftmq_raft_bytes_appended_total", "counter", "Log bytes appended", s.bytes as f64),
+        ("raftmq_raft_flush_p50_seconds", "gauge", "Log flush latency, median", s.flush_p50_us as f64 / 1e6),
+        ("raftmq_raft_flush_p99_seconds", "gauge", "Log flush latency, 99th percentile", s.flush_p99_us as f64 / 1e6),
+    ];
+    for (name, kind, help, value) in rows {
+        let _ = writeln!(out, "# HELP {name} {help}.\n# TYPE {name} {kind}\n{name} {value}");
     }
 }

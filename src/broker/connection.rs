@@ -37,7 +37,7 @@ use crate::state::{pb, Applied};
 use crate::topic;
 
 use super::metrics::Metrics;
-use super::pipeline::{now_ms, Reply};
+use super::pipeline::{now_ms, Reply, TrySubmitError};
 use super::router::{split_shared, SubValue, Target};
 use super::session::{flag, Delivery, Mailbox, Message};
 use super::{message_from_pb, publish_command, AckMsg, Inner, CONNECT_TIMEOUT, TAKEOVER_TIMEOUT};
@@ -129,27 +129,40 @@ impl Close {
 type Step = Result<(), Close>;
 
 /// Serves one connection (see the module docs).
-pub(crate) async fn serve<S>(inner: Arc<Inner>, stream: S, peer: SocketAddr)
+/// Not an `async fn`: the stream and the CONNECT phase go into one box at
+/// once, so the caller's task keeps only a few pointers for the connection's
+/// lifetime (idle connections are counted in bytes).
+pub(crate) fn serve<S>(
+    inner: Arc<Inner>,
+    stream: S,
+    peer: SocketAddr,
+) -> impl Future<Output = ()> + Send + 'static
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let metrics = inner.metrics.clone();
     Metrics::inc(&metrics.connections_open);
     Metrics::inc(&metrics.connections_total);
-    let mut io = Io { stream, rbuf: BytesMut::new(), wbuf: BytesMut::new(), version: ProtocolVersion::V311 };
-    // The CONNECT phase is boxed: its (large) future is freed once the client
-    // is accepted, so the long-lived task stays small.
-    let conn = Box::pin(async move {
-        match tokio::time::timeout(CONNECT_TIMEOUT, read_connect(&inner, &mut io)).await {
-            Ok(Some(connect)) => accept(inner, io, connect, peer).await,
-            _ => None,
+    let io = Io { stream, rbuf: BytesMut::new(), wbuf: BytesMut::new(), version: ProtocolVersion::V311 };
+    // The CONNECT phase is boxed: its future is freed once the client is accepted.
+    let connect = Box::pin(connect_phase(inner, io, peer));
+    async move {
+        if let Some(conn) = connect.await {
+            conn.run().await;
         }
-    })
-    .await;
-    if let Some(conn) = conn {
-        conn.run().await;
+        Metrics::dec(&metrics.connections_open);
     }
-    Metrics::dec(&metrics.connections_open);
+}
+
+async fn connect_phase<S>(inner: Arc<Inner>, mut io: Io<S>, peer: SocketAddr) -> Option<Box<Conn<S>>>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let connect = match tokio::time::timeout(CONNECT_TIMEOUT, read_connect(&inner, &mut io)).await {
+        Ok(Some(connect)) => connect,
+        _ => return None,
+    };
+    Box::pin(accept(inner, io, connect, peer)).await
 }
 
 /// Reads the first packet, which must be CONNECT. Answers a CONNECT that
@@ -175,7 +188,7 @@ async fn read_connect<S: AsyncRead + AsyncWrite + Unpin>(inner: &Inner, io: &mut
                         || code == reason::UNSUPPORTED_PROTOCOL_VERSION
                         || code == reason::CLIENT_IDENTIFIER_NOT_VALID
                     {
-                        refuse(inner, io, code).await;
+                        Box::pin(refuse(inner, io, code)).await;
                     }
                 }
                 return None;
@@ -245,7 +258,7 @@ enum Action {
 
 enum Stage {
     /// The pipeline queue was full: not yet proposed (later ones wait behind it).
-    Unsent(pb::Command),
+    Unsent(Box<pb::Command>),
     Waiting(oneshot::Receiver<Reply>),
     /// Applied (or nothing to apply: `None`).
     Done(Option<Result<Reply, oneshot::error::RecvError>>),
@@ -254,6 +267,12 @@ enum Stage {
 struct Pending {
     stage: Stage,
     action: Action,
+}
+
+#[derive(Clone, Copy)]
+enum EvKind {
+    Read,
+    Other,
 }
 
 enum Ev {
@@ -271,21 +290,15 @@ struct Conn<S> {
     conn_id: u64,
     mailbox: Arc<Mailbox>,
     client_id: Arc<str>,
-    username: Option<Box<str>>,
     /// The session lives in State (persistent, or resumed from State).
     managed: bool,
     /// Session Expiry Interval in force (seconds).
     session_expiry: u32,
-    /// Will of a non-managed session (State keeps the will of managed ones).
-    will: Option<Box<LastWill>>,
     client_receive_max: u16,
     client_max_packet: u32,
     topic_alias_max: u16,
-    aliases: BTreeMap<u16, String>,
     /// Incoming QoS > 0 PUBLISH not yet fully acknowledged (Receive Maximum).
     in_unacked: u16,
-    /// Incoming QoS 2 packet ids waiting for PUBREL.
-    in_qos2: BTreeSet<u16>,
     pending: VecDeque<Pending>,
     /// Entries of `pending` in stage `Unsent`.
     unsent: usize,
@@ -293,12 +306,27 @@ struct Conn<S> {
     held: VecDeque<Delivery>,
     out_inflight: BTreeMap<u16, OutFlight>,
     next_pid: u16,
-    /// State in-flight entries sent on this connection, by packet id.
-    state_sent: BTreeMap<u16, Sent>,
     /// The first scan after resuming a session sends with DUP.
     resume_dup: bool,
     acks: Vec<pb::AckEntry>,
+    /// Rarely used state, allocated on first use (idle connections stay small).
+    cold: Option<Box<Cold>>,
 }
+
+#[derive(Default)]
+struct Cold {
+    username: Option<Box<str>>,
+    /// Will of a non-managed session (State keeps the will of managed ones).
+    will: Option<LastWill>,
+    aliases: BTreeMap<u16, String>,
+    /// Incoming QoS 2 packet ids waiting for PUBREL.
+    in_qos2: BTreeSet<u16>,
+    /// State in-flight entries sent on this connection, by packet id.
+    state_sent: BTreeMap<u16, Sent>,
+}
+
+static NO_IDS: BTreeSet<u16> = BTreeSet::new();
+static NO_SENT: BTreeMap<u16, Sent> = BTreeMap::new();
 
 /// The CONNACK answer to a refused CONNECT.
 async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(inner: &Inner, io: &mut Io<S>, code: u8) {
@@ -306,6 +334,18 @@ async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(inner: &Inner, io: &mut Io<S>
         &Packet::ConnAck(ConnAck { session_present: false, reason_code: code, ..Default::default() }),
         &inner.metrics,
     );
+    let _ = tokio::time::timeout(Duration::from_secs(1), io.write_out(&inner.metrics)).await;
+}
+
+/// CONNACK 0x9C "use another server" with the leader as Server Reference
+/// when known (MQTT 5); 3.1.1 gets return code 3 "server unavailable".
+async fn refuse_not_serving<S: AsyncRead + AsyncWrite + Unpin>(inner: &Inner, io: &mut Io<S>) {
+    let mut properties = ConnAckProperties::default();
+    if io.version.is_v5() {
+        properties.server_reference = inner.serving.server_reference();
+    }
+    let ack = ConnAck { session_present: false, reason_code: reason::USE_ANOTHER_SERVER, properties };
+    io.send(&Packet::ConnAck(ack), &inner.metrics);
     let _ = tokio::time::timeout(Duration::from_secs(1), io.write_out(&inner.metrics)).await;
 }
 
@@ -323,16 +363,25 @@ where
 {
     let version = c.protocol.0;
     io.version = version;
+    if !inner.serving.is_on() {
+        // Not the serving leader (serving.rs): point the client elsewhere.
+        Box::pin(refuse_not_serving(&inner, &mut io)).await;
+        return None;
+    }
+    if io.rbuf.is_empty() {
+        // Do not keep the CONNECT's read chunk alive for the connection's lifetime.
+        io.rbuf = BytesMut::new();
+    }
     let cfg = &inner.config;
     let v5 = version.is_v5();
     if v5 && c.properties.authentication_method.is_some() {
-        refuse(&inner, &mut io, reason::BAD_AUTHENTICATION_METHOD).await;
+        Box::pin(refuse(&inner, &mut io, reason::BAD_AUTHENTICATION_METHOD)).await;
         return None;
     }
     let mut assigned = None;
     let client_id: String = if c.client_id.is_empty() {
         if !v5 && !c.clean_start {
-            refuse(&inner, &mut io, reason::CLIENT_IDENTIFIER_NOT_VALID).await;
+            Box::pin(refuse(&inner, &mut io, reason::CLIENT_IDENTIFIER_NOT_VALID)).await;
             return None;
         }
         let id = random_client_id();
@@ -350,16 +399,16 @@ where
         peer,
     });
     if decision != AuthDecision::Allow {
-        refuse(&inner, &mut io, decision.reason_code()).await;
+        Box::pin(refuse(&inner, &mut io, decision.reason_code())).await;
         return None;
     }
     if inner.shutting_down.load(Ordering::Relaxed) {
-        refuse(&inner, &mut io, reason::SERVER_UNAVAILABLE).await;
+        Box::pin(refuse(&inner, &mut io, reason::SERVER_UNAVAILABLE)).await;
         return None;
     }
     if Metrics::get(&inner.metrics.clients_connected) >= cfg.max_connections as u64 {
         Metrics::inc(&inner.metrics.connections_refused);
-        refuse(&inner, &mut io, reason::QUOTA_EXCEEDED).await;
+        Box::pin(refuse(&inner, &mut io, reason::QUOTA_EXCEEDED)).await;
         return None;
     }
 
@@ -389,12 +438,13 @@ where
                 Err(rx) => rx,
             }
         };
-        if tokio::time::timeout(TAKEOVER_TIMEOUT, wait).await.is_err() {
-            refuse(&inner, &mut io, reason::SERVER_BUSY).await;
+        if Box::pin(tokio::time::timeout(TAKEOVER_TIMEOUT, wait)).await.is_err() {
+            Box::pin(refuse(&inner, &mut io, reason::SERVER_BUSY)).await;
             return None;
         }
     };
     let client_key = mailbox.client_id.clone();
+    mailbox.set_username(c.username.as_deref().map(Box::from));
 
     let state_has = inner.state.read().session(&client_id).is_some();
     let managed = persistent || (state_has && !c.clean_start);
@@ -412,7 +462,9 @@ where
             will,
             connection_id: conn_id,
         };
-        match inner.pipeline.propose(pb::Command { cmd: Some(pb::command::Cmd::SessionOpen(open)) }).await {
+        match Box::pin(inner.pipeline.propose(pb::Command { cmd: Some(pb::command::Cmd::SessionOpen(open)) }))
+            .await
+        {
             Ok(applied) => {
                 session_present = applied.session_present;
                 qos0 = applied.qos0_to_send;
@@ -420,7 +472,7 @@ where
             Err(e) => {
                 tracing::warn!(client_id, error = %e, "session open failed");
                 detach_and_forget(&inner, &mailbox, conn_id, true);
-                refuse(&inner, &mut io, reason::UNSPECIFIED_ERROR).await;
+                Box::pin(refuse(&inner, &mut io, reason::UNSPECIFIED_ERROR)).await;
                 return None;
             }
         }
@@ -430,7 +482,9 @@ where
     } else if state_has {
         // A clean, non-persistent session replaces a stored one.
         let rm = pb::SessionRemove { client_id: client_id.clone() };
-        let _ = inner.pipeline.propose(pb::Command { cmd: Some(pb::command::Cmd::SessionRemove(rm)) }).await;
+        let _ =
+            Box::pin(inner.pipeline.propose(pb::Command { cmd: Some(pb::command::Cmd::SessionRemove(rm)) }))
+                .await;
         if was_persistent {
             Metrics::dec(&inner.metrics.sessions_persistent);
         }
@@ -484,27 +538,29 @@ where
         conn_id,
         mailbox,
         client_id: client_key,
-        username: c.username.as_deref().map(Box::from),
         managed,
         session_expiry,
-        will: if managed { None } else { c.will.map(Box::new) },
         client_receive_max: c.properties.receive_maximum.unwrap_or(u16::MAX).max(1),
         client_max_packet: c.properties.maximum_packet_size.unwrap_or(u32::MAX),
         topic_alias_max: cfg.topic_alias_maximum,
-        aliases: BTreeMap::new(),
         in_unacked: 0,
-        in_qos2: BTreeSet::new(),
         pending: VecDeque::new(),
         unsent: 0,
         held: VecDeque::new(),
         out_inflight: BTreeMap::new(),
         next_pid: 1,
-        state_sent: BTreeMap::new(),
         resume_dup: session_present,
         acks: Vec::new(),
+        cold: None,
         io,
         inner,
     });
+    let will = if managed { None } else { c.will };
+    if c.username.is_some() || will.is_some() {
+        let cold = conn.cold();
+        cold.username = c.username.as_deref().map(Box::from);
+        cold.will = will;
+    }
     // Queued QoS 0 messages, then the State window (resent with DUP on resume).
     for d in qos0 {
         let msg = Arc::new(message_from_pb(&d.message, 0));
@@ -516,8 +572,12 @@ where
         });
     }
     if managed {
-        if let Some(s) = conn.inner.state.read().session(&conn.client_id) {
-            conn.in_qos2.extend(s.incoming_qos2());
+        let ids: Vec<u16> = match conn.inner.state.read().session(&conn.client_id) {
+            Some(s) => s.incoming_qos2().collect(),
+            None => Vec::new(),
+        };
+        if !ids.is_empty() {
+            conn.cold().in_qos2.extend(ids);
         }
         conn.scan_state();
     }
@@ -569,6 +629,24 @@ fn will_message(w: &LastWill, now: u64) -> Message {
     }
 }
 
+impl<S> Conn<S> {
+    fn cold(&mut self) -> &mut Cold {
+        self.cold.get_or_insert_with(Default::default)
+    }
+
+    fn username(&self) -> Option<&str> {
+        self.cold.as_ref().and_then(|c| c.username.as_deref())
+    }
+
+    fn in_qos2(&self) -> &BTreeSet<u16> {
+        self.cold.as_ref().map_or(&NO_IDS, |c| &c.in_qos2)
+    }
+
+    fn state_sent(&self) -> &BTreeMap<u16, Sent> {
+        self.cold.as_ref().map_or(&NO_SENT, |c| &c.state_sent)
+    }
+}
+
 impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
     async fn run(mut self: Box<Self>) {
         let close = self.main_loop().await;
@@ -580,6 +658,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
     async fn main_loop(&mut self) -> Close {
         loop {
             let ev = poll_fn(|cx| self.poll_event(cx)).await;
+            let ev_kind = if matches!(ev, Ev::Read) { EvKind::Read } else { EvKind::Other };
             let step = match ev {
                 Ev::Read => self.on_read(),
                 Ev::Mailbox(f) => self.on_mailbox(f),
@@ -588,6 +667,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             };
             if let Err(c) = step {
                 return c;
+            }
+            if matches!(ev_kind, EvKind::Read) {
+                // Let the subscribers this input woke run before reading more
+                // (they usually sit in this worker's LIFO slot), so a fast
+                // publisher does not overrun their bounded outboxes.
+                tokio::task::yield_now().await;
             }
             if self.unsent > 0 {
                 if let Err(c) = Box::pin(self.submit_unsent()).await {
@@ -609,7 +694,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         for p in self.pending.iter_mut() {
             if let Stage::Unsent(_) = &p.stage {
                 let Stage::Unsent(cmd) = std::mem::replace(&mut p.stage, Stage::Done(None)) else { continue };
-                match self.inner.pipeline.submit(cmd).await {
+                match self.inner.pipeline.submit(*cmd).await {
                     Ok(rx) => p.stage = Stage::Waiting(rx),
                     Err(_) => return Err(Close::server(reason::SERVER_UNAVAILABLE, "state pipeline closed")),
                 }
@@ -623,15 +708,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
     fn propose(&mut self, cmd: pb::Command, action: Action) -> Step {
         let stage = if self.unsent > 0 {
             self.unsent += 1;
-            Stage::Unsent(cmd)
+            Stage::Unsent(Box::new(cmd))
         } else {
             match self.inner.pipeline.try_submit(cmd) {
                 Ok(rx) => Stage::Waiting(rx),
-                Err(Some(cmd)) => {
+                Err(TrySubmitError::Full(cmd)) => {
                     self.unsent += 1;
                     Stage::Unsent(cmd)
                 }
-                Err(None) => return Err(Close::server(reason::SERVER_UNAVAILABLE, "state pipeline closed")),
+                Err(TrySubmitError::Closed) => {
+                    return Err(Close::server(reason::SERVER_UNAVAILABLE, "state pipeline closed"))
+                }
             }
         };
         self.pending.push_back(Pending { stage, action });
@@ -750,7 +837,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         let inner = self.inner.clone();
         let cfg = &inner.config;
         let pid = p.packet_id.unwrap_or(0);
-        if p.qos == QoS::ExactlyOnce && self.in_qos2.contains(&pid) {
+        if p.qos == QoS::ExactlyOnce && self.in_qos2().contains(&pid) {
             // Duplicate of a message waiting for PUBREL: acknowledge, do not route again.
             self.queue_action(Action::Ack {
                 packet: Packet::PubRec(PubResp::new(pid)),
@@ -769,7 +856,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             return Err(Close::server(reason::RETAIN_NOT_SUPPORTED, "retain is not available"));
         }
         Metrics::inc(&self.inner.metrics.publish_received);
-        if !self.inner.auth.can_publish(&self.client_id, self.username.as_deref(), &topic) {
+        if !self.inner.auth.can_publish(&self.client_id, self.username(), &topic) {
             let ack = match p.qos {
                 QoS::AtMostOnce => return Ok(()),
                 QoS::AtLeastOnce => Packet::PubAck(PubResp::with_reason(pid, reason::NOT_AUTHORIZED)),
@@ -809,7 +896,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             self.in_unacked += 1;
         }
         if p.qos == QoS::ExactlyOnce {
-            self.in_qos2.insert(pid);
+            self.cold().in_qos2.insert(pid);
         }
         if to_state {
             let cmd = publish_command(&msg, &self.client_id, route.shared_targets, qos2_state.then_some(pid));
@@ -831,12 +918,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             return Err(Close::server(reason::TOPIC_ALIAS_INVALID, "topic alias out of range"));
         }
         if topic.is_empty() {
-            return match self.aliases.get(&alias) {
+            return match self.cold.as_ref().and_then(|c| c.aliases.get(&alias)) {
                 Some(t) => Ok(t.clone()),
                 None => Err(Close::server(reason::PROTOCOL_ERROR, "unknown topic alias")),
             };
         }
-        self.aliases.insert(alias, topic.clone());
+        self.cold().aliases.insert(alias, topic.clone());
         Ok(topic)
     }
 
@@ -893,7 +980,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
                     let releases = matches!(a, Packet::PubAck(_)) || failed;
                     if failed {
                         if let Packet::PubRec(r) = &a {
-                            self.in_qos2.remove(&r.packet_id);
+                            self.cold().in_qos2.remove(&r.packet_id);
                         }
                     }
                     self.send(&a);
@@ -909,11 +996,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
                 }
             }
             Action::SubAck { ack, retained } => {
-                let existed = match reply {
-                    Some(Ok(a)) => a.existed,
-                    _ => Vec::new(),
+                let (existed, qos0) = match reply {
+                    Some(Ok(a)) => (a.existed, a.qos0_to_send),
+                    _ => (Vec::new(), Vec::new()),
                 };
                 self.send(&Packet::SubAck(ack));
+                // Retained copies State delivered (QoS 0 here, QoS 1/2 in its window).
+                for d in qos0 {
+                    let msg = Arc::new(message_from_pb(&d.message, 0));
+                    self.held.push_back(Delivery {
+                        msg,
+                        qos: QoS::AtMostOnce,
+                        retain: d.retain,
+                        sub_ids: d.subscription_ids,
+                    });
+                }
+                if self.managed {
+                    self.scan_state();
+                }
                 self.send_retained(retained, &existed);
             }
             Action::UnsubAck(u) => self.send(&Packet::UnsubAck(u)),
@@ -926,8 +1026,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         let pid = r.packet_id;
         if matches!(self.out_inflight.get(&pid), Some(f) if f.qos == QoS::AtLeastOnce) {
             self.out_inflight.remove(&pid);
-        } else if let Some(Sent::Publish { msg }) = self.state_sent.get(&pid).copied() {
-            self.state_sent.insert(pid, Sent::Done { msg });
+        } else if let Some(Sent::Publish { msg }) = self.state_sent().get(&pid).copied() {
+            self.cold().state_sent.insert(pid, Sent::Done { msg });
             self.ack(pid, pb::AckKind::Puback);
         }
         self.pump_out();
@@ -945,15 +1045,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
                     self.send(&Packet::PubRel(PubResp::new(pid)));
                 }
             }
-        } else if let Some(s) = self.state_sent.get(&pid).copied() {
+        } else if let Some(s) = self.state_sent().get(&pid).copied() {
             match s {
                 Sent::Publish { msg } | Sent::Released { msg } => {
                     self.ack(pid, pb::AckKind::Pubrec);
                     if refused {
                         self.ack(pid, pb::AckKind::Pubcomp);
-                        self.state_sent.insert(pid, Sent::Done { msg });
+                        self.cold().state_sent.insert(pid, Sent::Done { msg });
                     } else {
-                        self.state_sent.insert(pid, Sent::Released { msg });
+                        self.cold().state_sent.insert(pid, Sent::Released { msg });
                         self.send(&Packet::PubRel(PubResp::new(pid)));
                     }
                 }
@@ -971,8 +1071,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         let pid = r.packet_id;
         if matches!(self.out_inflight.get(&pid), Some(f) if f.released) {
             self.out_inflight.remove(&pid);
-        } else if let Some(Sent::Released { msg }) = self.state_sent.get(&pid).copied() {
-            self.state_sent.insert(pid, Sent::Done { msg });
+        } else if let Some(Sent::Released { msg }) = self.state_sent().get(&pid).copied() {
+            self.cold().state_sent.insert(pid, Sent::Done { msg });
             self.ack(pid, pb::AckKind::Pubcomp);
         }
         self.pump_out();
@@ -980,7 +1080,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
 
     fn on_pubrel(&mut self, r: PubResp) -> Step {
         let pid = r.packet_id;
-        if !self.in_qos2.remove(&pid) {
+        if !self.cold().in_qos2.remove(&pid) {
             let code = if self.version.is_v5() { reason::PACKET_IDENTIFIER_NOT_FOUND } else { 0 };
             self.queue_action(Action::Ack {
                 packet: Packet::PubComp(PubResp::with_reason(pid, code)),
@@ -1036,7 +1136,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             if shared && opts.no_local {
                 return Err(Close::server(reason::PROTOCOL_ERROR, "no local on a shared subscription"));
             }
-            if !self.inner.auth.can_subscribe(&self.client_id, self.username.as_deref(), &filter) {
+            if !self.inner.auth.can_subscribe(&self.client_id, self.username(), &filter) {
                 codes.push(if v5 { reason::NOT_AUTHORIZED } else { 0x80 });
                 continue;
             }
@@ -1060,7 +1160,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             } else {
                 None
             };
-            if !shared && opts.retain_handling != RetainHandling::DoNotSend {
+            // Persistent sessions get State's retained messages through State
+            // (`queue_retained`, so packet ids come from State); `$SYS` is ours.
+            let wants_retained = !shared && opts.retain_handling != RetainHandling::DoNotSend;
+            if wants_retained && (!self.managed || filter.starts_with('$')) {
                 retained.push(RetainReq {
                     filter,
                     opts,
@@ -1079,7 +1182,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             cmd: Some(pb::command::Cmd::Subscribe(pb::Subscribe {
                 client_id: self.client_id.to_string(),
                 subscriptions: state_subs,
-                ..Default::default()
+                queue_retained: true,
             })),
         };
         self.propose(cmd, Action::SubAck { ack, retained })?;
@@ -1101,7 +1204,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
                 continue;
             }
             let sub_ids: Vec<u32> = r.sub_id.into_iter().collect();
-            let msgs: Vec<Message> = {
+            let msgs: Vec<Message> = if self.managed {
+                Vec::new()
+            } else {
                 let st = self.inner.state.read();
                 st.retained_matching(&r.filter, now).into_iter().map(|m| message_from_pb(m, 0)).collect()
             };
@@ -1160,6 +1265,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         if flags & flag::SHUTDOWN != 0 {
             return Err(Close::server(reason::SERVER_SHUTTING_DOWN, "server shutting down"));
         }
+        if flags & flag::NOT_SERVING != 0 {
+            return Err(Close::server(reason::USE_ANOTHER_SERVER, "not the leader"));
+        }
         if flags & flag::TAKEOVER != 0 {
             return Err(Close::server(reason::SESSION_TAKEN_OVER, "session taken over"));
         }
@@ -1182,7 +1290,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
     }
 
     fn inflight_count(&self) -> usize {
-        self.out_inflight.len() + self.state_sent.values().filter(|s| !matches!(s, Sent::Done { .. })).count()
+        self.out_inflight.len()
+            + self.state_sent().values().filter(|s| !matches!(s, Sent::Done { .. })).count()
     }
 
     /// Sends fast-path deliveries while the window and the socket allow.
@@ -1281,7 +1390,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             let pid = self.next_pid;
             self.next_pid = if pid == u16::MAX { 1 } else { pid + 1 };
             if !self.out_inflight.contains_key(&pid)
-                && !self.state_sent.contains_key(&pid)
+                && !self.state_sent().contains_key(&pid)
                 && !state_ids.contains(&pid)
             {
                 return Some(pid);
@@ -1296,7 +1405,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         let inner = self.inner.clone();
         let st = inner.state.read();
         let Some(sess) = st.session(&self.client_id) else {
-            self.state_sent.clear();
+            if let Some(c) = self.cold.as_mut() {
+                c.state_sent.clear();
+            }
             return;
         };
         let dup = self.resume_dup;
@@ -1308,7 +1419,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             let pid = e.packet_id;
             let msg_key = Arc::as_ptr(&e.delivery.message) as usize;
             present.insert(pid);
-            match self.state_sent.get(&pid) {
+            match self.state_sent().get(&pid) {
                 Some(s) if s.msg() == msg_key => continue,
                 _ => {}
             }
@@ -1318,7 +1429,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             }
             if e.awaiting_pubcomp {
                 self.io.send(&Packet::PubRel(PubResp::new(pid)), &inner.metrics);
-                self.state_sent.insert(pid, Sent::Released { msg: msg_key });
+                self.cold().state_sent.insert(pid, Sent::Released { msg: msg_key });
                 continue;
             }
             if budget == 0 && !dup {
@@ -1331,7 +1442,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             } else if m.expires_at_ms <= now {
                 // Expired in flight: drop it as if acknowledged.
                 Metrics::inc(&inner.metrics.messages_expired);
-                self.state_sent.insert(pid, Sent::Done { msg: msg_key });
+                self.cold().state_sent.insert(pid, Sent::Done { msg: msg_key });
                 let kind = if e.delivery.qos == 2 { pb::AckKind::Pubcomp } else { pb::AckKind::Puback };
                 self.acks.push(pb::AckEntry {
                     client_id: self.client_id.to_string(),
@@ -1363,7 +1474,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             });
             if !self.fits(&pkt) {
                 // Too large for this client: acknowledge it ourselves so the window moves on.
-                self.state_sent.insert(pid, Sent::Done { msg: msg_key });
+                self.cold().state_sent.insert(pid, Sent::Done { msg: msg_key });
                 let kind = if e.delivery.qos == 2 { pb::AckKind::Pubcomp } else { pb::AckKind::Puback };
                 self.acks.push(pb::AckEntry {
                     client_id: self.client_id.to_string(),
@@ -1374,9 +1485,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             }
             self.io.send(&pkt, &inner.metrics);
             Metrics::inc(&inner.metrics.publish_sent);
-            self.state_sent.insert(pid, Sent::Publish { msg: msg_key });
+            self.cold().state_sent.insert(pid, Sent::Publish { msg: msg_key });
         }
-        self.state_sent.retain(|pid, _| present.contains(pid));
+        self.cold().state_sent.retain(|pid, _| present.contains(pid));
     }
 
     // ------------------------------------------------------------ the end
@@ -1386,8 +1497,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         if let Close::Server { reason, text } = close {
             tracing::debug!(client_id = %self.client_id, reason, text, "server closes connection");
             if self.version.is_v5() && reason >= 0x80 {
-                self.send(&Packet::Disconnect(Disconnect::with_reason(reason, text)));
+                let mut d = Disconnect::with_reason(reason, text);
+                if reason == reason::USE_ANOTHER_SERVER {
+                    d.server_reference = self.inner.serving.server_reference();
+                }
+                self.send(&Packet::Disconnect(d));
             }
+        }
+        // This node stopped serving: nothing it proposes can commit any more,
+        // and the next leader ends the session (ResetConnections, wills). Drop
+        // what was pending without acknowledging it.
+        let stepped_down = matches!(close, Close::Server { reason: reason::USE_ANOTHER_SERVER, .. });
+        if stepped_down {
+            self.pending.clear();
+            self.acks.clear();
         }
         if !self.io.wbuf.is_empty() {
             let _ = tokio::time::timeout(Duration::from_secs(1), self.io.write_out(&metrics)).await;
@@ -1402,7 +1525,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         // Proposals still in flight are applied anyway; their fast-path copies still go out.
         while let Some(p) = self.pending.pop_front() {
             let reply = match p.stage {
-                Stage::Unsent(cmd) => match self.inner.pipeline.propose(cmd).await {
+                Stage::Unsent(cmd) => match self.inner.pipeline.propose(*cmd).await {
                     Ok(a) => Ok(a),
                     Err(super::PipelineError::State(e)) => Err(e),
                     Err(super::PipelineError::Closed) => break,
@@ -1422,7 +1545,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             }
         }
 
-        if self.managed {
+        if self.managed && !stepped_down {
             self.flush_acks().await;
             let (tx, rx) = oneshot::channel();
             if self.inner.acks.send(AckMsg::Flush(tx)).await.is_ok() {
@@ -1442,8 +1565,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             if let Err(e) = r {
                 tracing::warn!(client_id = %self.client_id, error = %e, "session close failed");
             }
-        } else if publish_will {
-            if let Some(w) = self.will.take() {
+        } else if publish_will && !stepped_down {
+            if let Some(w) = self.cold.as_mut().and_then(|c| c.will.take()) {
                 // A non-persistent session ends with its connection, so the will
                 // is due now whatever its delay (MQTT 5 3.1.3.2.2: delay or session end).
                 let msg = will_message(&w, now_ms());

@@ -7,11 +7,32 @@
 //! It must not touch sockets' transport details (listener), credentials
 //! storage (auth) or the internals of State: every replicated change is a
 //! `state::pb::Command` proposed through the pipeline.
+//!
+//! Documented choices:
+//! - A session is *managed* (lives in State) when it is persistent (3.1.1
+//!   clean session 0, MQTT 5 session expiry > 0) or resumes a stored session;
+//!   other sessions never touch the pipeline unless they publish a retained
+//!   message or reach a persistent subscriber.
+//! - A non-persistent session ends with its connection, so its will is
+//!   published at once whatever its Will Delay Interval (MQTT 5 3.1.3.2.2:
+//!   delay or session end, whichever comes first). Managed sessions' wills and
+//!   delays are State's (SessionClose `publish_will`, Tick).
+//! - Slow consumers: a connection's fast-path outbox holds `outbox_capacity`
+//!   messages (QoS 1/2 copies may use `max_queued_messages` more); beyond, the
+//!   copy is dropped for that client and counted. Publishers never wait.
+//! - The server does not use topic aliases towards clients (allowed by MQTT 5).
+//! - Retained messages for a persistent session's new subscription are
+//!   delivered through State (`Subscribe.queue_retained`), so its packet ids
+//!   all come from State; `$SYS` values are kept here and sent as retained.
+//! - Authorization: `can_publish`, `can_subscribe` and, for fast-path
+//!   deliveries, `can_receive` are called (State's deliveries to persistent
+//!   sessions are not filtered by `can_receive` yet).
 
 mod connection;
 pub mod metrics;
 pub mod pipeline;
 mod router;
+pub mod serving;
 mod session;
 mod sys;
 #[cfg(test)]
@@ -30,13 +51,14 @@ use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::auth::Authenticator;
-use crate::protocol::{PublishProperties, QoS};
+use crate::protocol::{PublishProperties, QoS, RetainHandling, SubscriptionOptions};
 use crate::state::{pb, Event, Limits, State};
 
 pub use metrics::Metrics;
 pub use pipeline::{Pipeline, PipelineError};
+pub use serving::EventRelay;
 
-use router::{Router, Target};
+use router::{Router, SubValue, Target};
 use session::{flag, Delivery, Mailbox, Message, Push};
 
 /// The `[mqtt]` section of the configuration (see config/ and the README).
@@ -135,6 +157,8 @@ pub(crate) struct Inner {
     pub shutting_down: AtomicBool,
     /// Latest `$SYS` messages, delivered as retained to new `$SYS` subscribers.
     pub sys_retained: Mutex<Vec<Arc<Message>>>,
+    /// Whether CONNECTs are accepted now (serving.rs).
+    pub serving: serving::Serving,
 }
 
 /// The broker (see the module docs). Cheap to clone.
@@ -157,6 +181,29 @@ impl Broker {
         auth: Arc<dyn Authenticator>,
         state: Arc<RwLock<State>>,
     ) -> Broker {
+        Self::build(config, auth, state, None)
+    }
+
+    /// The broker of a node: commands go through `raft` (which applies them to
+    /// `state` and hands the events to `relay`); MQTT is served only while
+    /// this node is the serving leader (serving.rs).
+    pub fn with_raft(
+        config: BrokerConfig,
+        auth: Arc<dyn Authenticator>,
+        state: Arc<RwLock<State>>,
+        raft: crate::raft::RaftNode,
+        relay: &EventRelay,
+        commit_timeout: Duration,
+    ) -> Broker {
+        Self::build(config, auth, state, Some((raft, relay, commit_timeout)))
+    }
+
+    fn build(
+        config: BrokerConfig,
+        auth: Arc<dyn Authenticator>,
+        state: Arc<RwLock<State>>,
+        raft: Option<(crate::raft::RaftNode, &EventRelay, Duration)>,
+    ) -> Broker {
         let metrics = Arc::new(Metrics::default());
         let (ack_tx, ack_rx) = mpsc::channel(1024);
         let inner = Arc::new_cyclic(|weak: &Weak<Inner>| {
@@ -166,7 +213,14 @@ impl Broker {
                     inner.on_events(events);
                 }
             });
-            let pipeline = Pipeline::start(state.clone(), sink, metrics.clone());
+            let pipeline = match &raft {
+                None => Pipeline::start(state.clone(), sink, metrics.clone()),
+                Some((node, relay, timeout)) => {
+                    relay.bind(weak.clone());
+                    Pipeline::start_raft(node.clone(), metrics.clone(), *timeout)
+                }
+            };
+            let serving = if raft.is_some() { serving::Serving::off() } else { serving::Serving::always() };
             Inner {
                 config,
                 auth,
@@ -181,8 +235,22 @@ impl Broker {
                 coarse_ms: AtomicU64::new(0),
                 shutting_down: AtomicBool::new(false),
                 sys_retained: Mutex::new(Vec::new()),
+                serving,
             }
         });
+        if let Some((node, _, _)) = raft {
+            // Sessions are restored when this node starts serving.
+            tokio::spawn(serving::run(Arc::downgrade(&inner), node));
+        } else if inner.restore_sessions() {
+            // The State came from a snapshot: connections it marks online are
+            // gone; end them as abnormal disconnects before anyone connects
+            // (first in the pipeline's FIFO).
+            let reset = pb::ResetConnections { publish_wills: true };
+            let cmd = pb::Command { cmd: Some(pb::command::Cmd::ResetConnections(reset)) };
+            if inner.pipeline.try_submit(cmd).is_err() {
+                tracing::warn!("could not queue ResetConnections");
+            }
+        }
         tokio::spawn(ack_task(Arc::downgrade(&inner), ack_rx));
         tokio::spawn(housekeeping(Arc::downgrade(&inner)));
         if inner.config.sys_interval > 0 {
@@ -193,11 +261,17 @@ impl Broker {
 
     /// Serves one client connection until it ends. `stream` is any byte stream
     /// (TCP, TLS, WebSocket).
-    pub async fn serve_connection<S>(&self, stream: S, peer: SocketAddr)
+    /// (A plain `fn` returning the future, so the future stays a few pointers
+    /// big; call it as `broker.serve_connection(s, peer).await`.)
+    pub fn serve_connection<S>(
+        &self,
+        stream: S,
+        peer: SocketAddr,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        connection::serve(self.inner.clone(), stream, peer).await;
+        connection::serve(self.inner.clone(), stream, peer)
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -215,6 +289,16 @@ impl Broker {
 
     pub fn pipeline(&self) -> &Pipeline {
         &self.inner.pipeline
+    }
+
+    /// Whether this broker accepts MQTT clients now (the serving leader).
+    pub fn is_serving(&self) -> bool {
+        self.inner.serving.is_on()
+    }
+
+    /// Waits until the broker serves, at most `timeout`; returns whether it does.
+    pub async fn wait_serving(&self, timeout: Duration) -> bool {
+        self.inner.serving.wait_on(timeout).await
     }
 
     /// Tells every connection to close (MQTT 5: DISCONNECT 0x8B) and waits
@@ -247,6 +331,7 @@ impl Inner {
     /// Hands fast-path copies to their mailboxes; slow or offline clients lose them (counted).
     pub fn deliver(&self, msg: &Arc<Message>, targets: Vec<Target>, force_retain: bool) {
         let cap = self.config.outbox_capacity.max(1);
+        let cap12 = cap.saturating_add(self.config.max_queued_messages);
         for t in targets {
             let d = Delivery {
                 msg: msg.clone(),
@@ -254,10 +339,9 @@ impl Inner {
                 retain: force_retain || (t.retain_as_published && msg.retain),
                 sub_ids: t.sub_ids,
             };
-            match t.mailbox.push(d, cap) {
-                Push::Queued => {}
+            match t.mailbox.push(d, cap, cap12, &*self.auth) {
+                Push::Queued | Push::Offline | Push::Denied => {}
                 Push::Full => Metrics::inc(&self.metrics.messages_dropped_outbox),
-                Push::Offline => {}
             }
         }
     }
@@ -308,6 +392,44 @@ impl Inner {
                 }
             }
         }
+    }
+
+    /// Makes the router and the registry match the sessions State holds (a
+    /// State restored from a snapshot, or a new leader): offline mailboxes
+    /// with every stored subscription.
+    /// Returns true when State held sessions.
+    fn restore_sessions(&self) -> bool {
+        let st = self.state.read();
+        let mut reg = self.registry.lock();
+        let mut router = self.router.write();
+        for (client_id, sess) in st.sessions() {
+            let key: Arc<str> = client_id.into();
+            let mb = reg.entry(key.clone()).or_insert_with(|| Arc::new(Mailbox::new(key.clone()))).clone();
+            mb.set_managed(true);
+            Metrics::inc(&self.metrics.sessions_persistent);
+            for sub in sess.subscriptions() {
+                let opts = SubscriptionOptions {
+                    qos: QoS::from_u8(sub.qos.min(2) as u8).unwrap_or_default(),
+                    no_local: sub.no_local,
+                    retain_as_published: sub.retain_as_published,
+                    retain_handling: match sub.retain_handling {
+                        1 => RetainHandling::SendIfNew,
+                        2 => RetainHandling::DoNotSend,
+                        _ => RetainHandling::SendAtSubscribe,
+                    },
+                };
+                let value = SubValue {
+                    opts,
+                    sub_id: (sub.subscription_id != 0).then_some(sub.subscription_id),
+                    mailbox: mb.clone(),
+                };
+                if !router.subscribe(&key, &sub.filter, value) {
+                    Metrics::inc(&self.metrics.subscriptions);
+                }
+                mb.add_filter(&sub.filter);
+            }
+        }
+        st.session_count() > 0
     }
 
     /// Removes every router entry of a session.

@@ -1,18 +1,33 @@
 //! The command pipeline: the only way the broker changes the replicated State.
 //!
 //! Owns a bounded queue of proposals and the batching task that drains it: one
-//! `now_ms` stamp per batch, `State::apply_batch` under the state lock, one
-//! answer per proposal, and the batch's `Event`s handed to the broker. On a
-//! single node a batch is applied locally (group commit); the cluster issue
-//! replaces the apply step with a Raft commit without changing this interface.
+//! `now_ms` stamp per batch, one answer per proposal. Two back ends:
+//! - Raft ([`Pipeline::start_raft`], what a node runs, one member or many):
+//!   each batch is one `pb::Batch` log entry proposed with
+//!   `RaftNode::submit`; up to [`MAX_IN_FLIGHT`] batches are in flight
+//!   while the next is built (group commit: many client operations, one
+//!   entry, one fsync). Entries are submitted one after another from this
+//!   one task, so they commit in proposal order, and answers go out in that
+//!   order. The State is changed by the Raft state machine on every node,
+//!   which also hands the `Event`s to the broker (before the proposer hears back).
+//! - Local ([`Pipeline::start`], the broker's unit tests): `State::apply_batch`
+//!   under the state lock, events handed to the sink here.
+//!
+//! A proposal that is not known to be committed (not the leader, leadership
+//! lost, no commit within the timeout, outcome unknown) gets no answer: its
+//! reply channel closes, so the connection closes without acknowledging.
 //! Must not know about connections or MQTT packets.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use futures_util::stream::{FuturesOrdered, StreamExt};
 use parking_lot::RwLock;
+use prost::Message as _;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::raft::{RaftNode, MAX_ENTRY_BYTES};
 use crate::state::{pb, Applied, Event, State, StateError};
 
 use super::metrics::Metrics;
@@ -21,6 +36,10 @@ use super::metrics::Metrics;
 const QUEUE: usize = 4096;
 /// Commands per batch at most.
 const MAX_BATCH: usize = 512;
+/// Raft back end: batches proposed and not yet committed, at most.
+pub const MAX_IN_FLIGHT: usize = 32;
+/// Raft back end: encoded bytes per batch at most (well below what one entry may carry).
+const MAX_BATCH_BYTES: usize = MAX_ENTRY_BYTES / 2;
 
 #[derive(thiserror::Error, Debug)]
 pub enum PipelineError {
@@ -28,6 +47,14 @@ pub enum PipelineError {
     Closed,
     #[error("state rejected the command: {0}")]
     State(#[from] StateError),
+}
+
+/// Why [`Pipeline::try_submit`] did not queue a command.
+#[derive(Debug)]
+pub enum TrySubmitError {
+    /// The queue is full; here is the command back.
+    Full(Box<pb::Command>),
+    Closed,
 }
 
 /// The answer to one proposal.
@@ -45,6 +72,53 @@ pub(crate) type EventSink = Box<dyn Fn(Vec<Event>) + Send + Sync>;
 #[derive(Clone)]
 pub struct Pipeline {
     tx: mpsc::Sender<Proposal>,
+    commit: Arc<CommitStats>,
+}
+
+/// Upper bounds (ms) of the commit latency histogram buckets.
+pub const LATENCY_BUCKETS_MS: [u64; 12] = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000];
+
+/// Raft back end: from submitting a batch to its commit and apply (leader),
+/// as a Prometheus-style cumulative histogram, plus failures.
+#[derive(Debug, Default)]
+pub struct CommitStats {
+    /// Count per bucket of [`LATENCY_BUCKETS_MS`] (not cumulative); the last slot is +Inf.
+    buckets: [AtomicU64; 13],
+    sum_us: AtomicU64,
+    count: AtomicU64,
+    /// Batches not known to be committed (not leader, timeout, outcome unknown).
+    pub failed: AtomicU64,
+}
+
+impl CommitStats {
+    fn record(&self, d: Duration) {
+        let ms = d.as_millis() as u64;
+        let i = LATENCY_BUCKETS_MS.iter().position(|&b| ms < b).unwrap_or(LATENCY_BUCKETS_MS.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Appends `raftmq_raft_commit_latency_seconds` (histogram) and the failure counter.
+    pub fn render_prometheus(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let name = "raftmq_raft_commit_latency_seconds";
+        let _ = writeln!(out, "# HELP {name} From proposing a batch to its commit and apply on the leader.");
+        let _ = writeln!(out, "# TYPE {name} histogram");
+        let mut cum = 0;
+        for (i, b) in LATENCY_BUCKETS_MS.iter().enumerate() {
+            cum += self.buckets[i].load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{}\"}} {cum}", *b as f64 / 1000.0);
+        }
+        cum += self.buckets[LATENCY_BUCKETS_MS.len()].load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cum}");
+        let _ = writeln!(out, "{name}_sum {}", self.sum_us.load(Ordering::Relaxed) as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count {}", self.count.load(Ordering::Relaxed));
+        let f = "raftmq_raft_proposals_failed_total";
+        let _ = writeln!(out, "# HELP {f} Batches not known to be committed (not leader, timeout, outcome unknown).");
+        let _ = writeln!(out, "# TYPE {f} counter");
+        let _ = writeln!(out, "{f} {}", self.failed.load(Ordering::Relaxed));
+    }
 }
 
 /// Wall-clock milliseconds since the Unix epoch (the proposer's stamp).
@@ -57,7 +131,22 @@ impl Pipeline {
     pub(crate) fn start(state: Arc<RwLock<State>>, sink: EventSink, metrics: Arc<Metrics>) -> Pipeline {
         let (tx, rx) = mpsc::channel(QUEUE);
         tokio::spawn(run(rx, state, sink, metrics));
-        Pipeline { tx }
+        Pipeline { tx, commit: Arc::default() }
+    }
+
+    /// Starts the batching task over Raft: a proposal is answered once its
+    /// batch is committed and applied, or dropped (see the module docs) when
+    /// that is not known within `timeout`.
+    pub(crate) fn start_raft(raft: RaftNode, metrics: Arc<Metrics>, timeout: Duration) -> Pipeline {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let commit = Arc::new(CommitStats::default());
+        tokio::spawn(run_raft(rx, raft, metrics, commit.clone(), timeout));
+        Pipeline { tx, commit }
+    }
+
+    /// Commit latency and failures of the Raft back end.
+    pub fn commit_stats(&self) -> &CommitStats {
+        &self.commit
     }
 
     /// Proposes one command; resolves when the batch containing it has been applied.
@@ -78,13 +167,13 @@ impl Pipeline {
     }
 
     /// Like [`Pipeline::submit`] without waiting: gives the command back when
-    /// the queue is full (`Err(Some(cmd))`); `Err(None)` = closed.
-    pub fn try_submit(&self, cmd: pb::Command) -> Result<oneshot::Receiver<Reply>, Option<pb::Command>> {
+    /// the queue is full.
+    pub fn try_submit(&self, cmd: pb::Command) -> Result<oneshot::Receiver<Reply>, TrySubmitError> {
         let (tx, rx) = oneshot::channel();
         match self.tx.try_send(Proposal { cmd, reply: Some(tx) }) {
             Ok(()) => Ok(rx),
-            Err(mpsc::error::TrySendError::Full(p)) => Err(Some(p.cmd)),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(None),
+            Err(mpsc::error::TrySendError::Full(p)) => Err(TrySubmitError::Full(Box::new(p.cmd))),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(TrySubmitError::Closed),
         }
     }
 
@@ -128,6 +217,121 @@ async fn run(
             if let Some(r) = reply {
                 let _ = r.send(res);
             }
+        }
+    }
+}
+
+type Replies = Vec<Option<oneshot::Sender<Reply>>>;
+
+/// The Raft batching loop (see the module docs).
+async fn run_raft(
+    mut rx: mpsc::Receiver<Proposal>,
+    raft: RaftNode,
+    metrics: Arc<Metrics>,
+    commit: Arc<CommitStats>,
+    timeout: Duration,
+) {
+    let mut buf: Vec<Proposal> = Vec::with_capacity(MAX_BATCH);
+    // Proposals taken from the queue but not yet in a submitted batch (a
+    // batch is cut at MAX_BATCH_BYTES).
+    let mut carry: std::collections::VecDeque<Proposal> = std::collections::VecDeque::new();
+    let mut inflight = FuturesOrdered::new();
+    let mut open = true;
+    loop {
+        let room = inflight.len() < MAX_IN_FLIGHT;
+        tokio::select! {
+            biased;
+            Some((replies, outcome)) = inflight.next(), if !inflight.is_empty() => {
+                answer(replies, outcome, &metrics);
+            }
+            n = rx.recv_many(&mut buf, MAX_BATCH), if room && open && carry.is_empty() => {
+                if n == 0 {
+                    open = false;
+                } else {
+                    carry.extend(buf.drain(..));
+                }
+            }
+            else => {
+                if !open && carry.is_empty() && inflight.is_empty() {
+                    return;
+                }
+            }
+        }
+        // Submit what is waiting, while there is room in the window.
+        while !carry.is_empty() && inflight.len() < MAX_IN_FLIGHT {
+            let (batch, replies) = cut_batch(&mut carry);
+            if !raft.is_leader() {
+                // Only a leader can commit: answer at once (dropped replies)
+                // instead of asking Raft (Tick, acks on a follower).
+                commit.failed.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let started = tokio::time::Instant::now();
+            let deadline = started + timeout;
+            match raft.submit(&batch).await {
+                Ok(fut) => {
+                    let commit = commit.clone();
+                    inflight.push_back(async move {
+                        let outcome = match tokio::time::timeout_at(deadline, fut).await {
+                            Ok(Ok((_, results))) => {
+                                commit.record(started.elapsed());
+                                Some(results)
+                            }
+                            Ok(Err(e)) => {
+                                tracing::debug!(error = %e, "batch not committed");
+                                commit.failed.fetch_add(1, Ordering::Relaxed);
+                                None
+                            }
+                            Err(_) => {
+                                tracing::warn!(?timeout, "batch not committed in time");
+                                commit.failed.fetch_add(1, Ordering::Relaxed);
+                                None
+                            }
+                        };
+                        (replies, outcome)
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot propose a batch");
+                    commit.failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+}
+
+/// Takes proposals from the front of `carry` into one batch: at most
+/// [`MAX_BATCH`] commands and [`MAX_BATCH_BYTES`] (but at least one command).
+fn cut_batch(carry: &mut std::collections::VecDeque<Proposal>) -> (pb::Batch, Replies) {
+    let mut batch = pb::Batch { now_ms: now_ms(), commands: Vec::new() };
+    let mut replies = Vec::new();
+    let mut bytes = 0;
+    while let Some(p) = carry.front() {
+        let len = p.cmd.encoded_len() + 8;
+        if !batch.commands.is_empty() && (bytes + len > MAX_BATCH_BYTES || batch.commands.len() >= MAX_BATCH) {
+            break;
+        }
+        let Some(p) = carry.pop_front() else { break };
+        bytes += len;
+        batch.commands.push(p.cmd);
+        replies.push(p.reply);
+    }
+    (batch, replies)
+}
+
+/// Answers each proposal of a committed batch with its command's result; a
+/// batch not known to be committed answers nobody (the channels close).
+fn answer(replies: Replies, outcome: Option<crate::raft::ProposeResults>, metrics: &Metrics) {
+    let Some(results) = outcome else { return };
+    Metrics::add(&metrics.commands_applied, replies.len() as u64);
+    Metrics::inc(&metrics.batches_applied);
+    for (reply, mut res) in replies.into_iter().zip(results) {
+        if let Ok(applied) = &mut res {
+            // The state machine already handed the events to the broker.
+            applied.events.clear();
+        }
+        if let Some(r) = reply {
+            let _ = r.send(res);
         }
     }
 }

@@ -16,6 +16,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
+use crate::auth::Authenticator;
 use crate::protocol::{PublishProperties, QoS};
 
 /// One application message as routed by the broker: shared by every
@@ -69,6 +70,8 @@ pub(crate) mod flag {
     pub const SHUTDOWN: u8 = 4;
     /// State holds new in-flight messages for this session.
     pub const STATE: u8 = 8;
+    /// This node stopped serving (not the leader any more): close with 0x9C.
+    pub const NOT_SERVING: u8 = 16;
 }
 
 /// Result of offering a delivery to a mailbox.
@@ -79,6 +82,8 @@ pub(crate) enum Push {
     Full,
     /// No connection is attached: the delivery was dropped.
     Offline,
+    /// The authorization hook refused it for this client.
+    Denied,
 }
 
 #[derive(Debug, Default)]
@@ -90,6 +95,8 @@ struct Inner {
     waker: Option<Waker>,
     /// Connections waiting for the attached one to finish (session takeover).
     closers: Vec<oneshot::Sender<()>>,
+    /// User name of the attached connection (for the authorization hook).
+    username: Option<Box<str>>,
     /// Every filter this session subscribes (as sent, `$share/...` included),
     /// so the router can be cleaned when the session ends.
     filters: Vec<String>,
@@ -138,14 +145,27 @@ impl Mailbox {
         self.online.load(Ordering::Relaxed)
     }
 
-    /// Offers a fast-path delivery; never blocks.
-    pub fn push(&self, d: Delivery, capacity: usize) -> Push {
+    /// Offers a fast-path delivery; never blocks. QoS 0 copies fit while the
+    /// outbox holds fewer than `capacity`; QoS 1/2 copies while it holds fewer
+    /// than `capacity_qos12` (they may also use the session's queue allowance).
+    /// The authorization hook decides whether this client may receive the message.
+    pub fn push(
+        &self,
+        d: Delivery,
+        capacity: usize,
+        capacity_qos12: usize,
+        auth: &dyn Authenticator,
+    ) -> Push {
         let waker = {
             let mut g = self.inner.lock();
             if g.conn_id == 0 {
                 return Push::Offline;
             }
-            if g.items.len() >= capacity {
+            if !auth.can_receive(&self.client_id, g.username.as_deref(), &d.msg.topic) {
+                return Push::Denied;
+            }
+            let cap = if d.qos == QoS::AtMostOnce { capacity } else { capacity_qos12 };
+            if g.items.len() >= cap {
                 return Push::Full;
             }
             g.items.push_back(d);
@@ -246,6 +266,10 @@ impl Mailbox {
         waiting
     }
 
+    pub fn set_username(&self, username: Option<Box<str>>) {
+        self.inner.lock().username = username;
+    }
+
     pub fn attached(&self) -> u64 {
         self.inner.lock().conn_id
     }
@@ -282,6 +306,13 @@ mod tests {
         })
     }
 
+    struct AllowAll;
+    impl Authenticator for AllowAll {
+        fn authenticate(&self, _: &crate::auth::AuthRequest<'_>) -> crate::auth::AuthDecision {
+            crate::auth::AuthDecision::Allow
+        }
+    }
+
     fn d() -> Delivery {
         Delivery { msg: msg(), qos: QoS::AtMostOnce, retain: false, sub_ids: Vec::new() }
     }
@@ -289,14 +320,17 @@ mod tests {
     #[test]
     fn offline_and_full_mailboxes_drop() {
         let m = Mailbox::new("c".into());
-        assert_eq!(m.push(d(), 2), Push::Offline);
+        assert_eq!(m.push(d(), 2, 3, &AllowAll), Push::Offline);
         assert!(m.attach(7).is_ok());
-        assert_eq!(m.push(d(), 2), Push::Queued);
-        assert_eq!(m.push(d(), 2), Push::Queued);
-        assert_eq!(m.push(d(), 2), Push::Full);
+        assert_eq!(m.push(d(), 2, 3, &AllowAll), Push::Queued);
+        assert_eq!(m.push(d(), 2, 3, &AllowAll), Push::Queued);
+        assert_eq!(m.push(d(), 2, 3, &AllowAll), Push::Full);
+        let mut q1 = d();
+        q1.qos = QoS::AtLeastOnce;
+        assert_eq!(m.push(q1, 2, 3, &AllowAll), Push::Queued);
         let mut out = VecDeque::new();
         m.drain(&mut out, 10);
-        assert_eq!(out.len(), 2);
+        assert_eq!(out.len(), 3);
     }
 
     #[test]

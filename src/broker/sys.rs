@@ -24,7 +24,8 @@ struct Load {
 
 pub(crate) async fn run(weak: Weak<Inner>) {
     let interval = match weak.upgrade() {
-        Some(i) => Duration::from_secs(i.config.sys_interval.max(1)),
+        // Capped at a day: a huge configured value must not overflow the timer.
+        Some(i) => Duration::from_secs(i.config.sys_interval.clamp(1, 86_400)),
         None => return,
     };
     let mut iv = tokio::time::interval(interval);

@@ -637,6 +637,145 @@ async fn slow_consumer_does_not_block_others() {
 }
 
 #[tokio::test]
+async fn broker_over_restored_state_routes_to_stored_sessions() {
+    let b = broker();
+    let (mut s, _) = connect_persistent(&b, "sub", true).await;
+    s.subscribe(1, "t", QoS::AtLeastOnce).await;
+    s.send(Packet::Disconnect(Disconnect::default())).await;
+    assert_eq!(s.recv().await, None);
+    b.shutdown().await;
+    let snapshot = b.state().read().snapshot();
+    let restored = crate::state::State::from_snapshot(snapshot, BrokerConfig::default().state_limits())
+        .expect("restore");
+    let b2 = Broker::with_state(
+        BrokerConfig { sys_interval: 0, ..Default::default() },
+        Arc::new(StaticAuthenticator::new(true, None)),
+        Arc::new(parking_lot::RwLock::new(restored)),
+    );
+    let mut p = connect(&b2, V5, "pub").await;
+    p.pub_msg("t", b"kept", QoS::AtLeastOnce, 1, false).await;
+    let (mut s, ack) = connect_persistent(&b2, "sub", false).await;
+    assert!(ack.session_present);
+    assert_eq!(s.publish().await.payload, Bytes::from_static(b"kept"));
+}
+
+#[tokio::test]
+async fn will_delay_is_cancelled_by_resume_and_fires_after_the_delay() {
+    let b = broker();
+    let mut w = connect(&b, V5, "watch").await;
+    w.subscribe(1, "will/d", QoS::AtMostOnce).await;
+    let mut c = connect_packet(V5, "dev");
+    c.clean_start = false;
+    c.properties.session_expiry_interval = Some(60);
+    c.will = Some(LastWill {
+        topic: "will/d".into(),
+        payload: Bytes::from_static(b"late"),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        properties: WillProperties { will_delay_interval: Some(1), ..Default::default() },
+    });
+    let (dev, _) = connect_with(&b, V5, c.clone()).await;
+    drop(dev);
+    // Resumed within the delay: no will.
+    let (dev, ack) = connect_with(&b, V5, c.clone()).await;
+    assert!(ack.session_present);
+    w.nothing_for(1500).await;
+    drop(dev);
+    let started = std::time::Instant::now();
+    let m = w.publish().await;
+    assert_eq!(m.payload, Bytes::from_static(b"late"));
+    assert!(started.elapsed() >= Duration::from_millis(800), "will sent before its delay");
+}
+
+#[tokio::test]
+async fn persistent_session_gets_retained_through_state() {
+    let b = broker();
+    let mut p = connect(&b, V5, "pub").await;
+    p.pub_msg("r/a", b"q1", QoS::AtLeastOnce, 1, true).await;
+    p.pub_msg("r/b", b"q0", QoS::AtMostOnce, 0, true).await;
+    let (mut s, _) = connect_persistent(&b, "ps", true).await;
+    s.send(Packet::Subscribe(Subscribe {
+        packet_id: 4,
+        filters: vec![("r/#".into(), SubscriptionOptions { qos: QoS::AtLeastOnce, ..Default::default() })],
+        ..Default::default()
+    }))
+    .await;
+    let mut got = Vec::new();
+    let mut suback = false;
+    while got.len() < 2 || !suback {
+        match s.recv().await {
+            Some(Packet::SubAck(a)) => {
+                assert_eq!(a.reason_codes, vec![1]);
+                suback = true;
+            }
+            Some(Packet::Publish(m)) => {
+                assert!(m.retain);
+                got.push((m.topic.clone(), m.qos));
+                if let Some(id) = m.packet_id {
+                    s.send(Packet::PubAck(PubResp::new(id))).await;
+                }
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    got.sort();
+    assert_eq!(got, vec![("r/a".to_string(), QoS::AtLeastOnce), ("r/b".to_string(), QoS::AtMostOnce)]);
+}
+
+struct Picky;
+
+impl crate::auth::Authenticator for Picky {
+    fn authenticate(&self, req: &crate::auth::AuthRequest<'_>) -> crate::auth::AuthDecision {
+        match req.username {
+            Some("bad") => crate::auth::AuthDecision::BadCredentials,
+            _ => crate::auth::AuthDecision::Allow,
+        }
+    }
+    fn can_publish(&self, _: &str, _: Option<&str>, topic: &str) -> bool {
+        !topic.starts_with("ro/")
+    }
+    fn can_subscribe(&self, _: &str, _: Option<&str>, filter: &str) -> bool {
+        filter != "forbidden"
+    }
+    fn can_receive(&self, client_id: &str, _: Option<&str>, topic: &str) -> bool {
+        !(client_id == "nosy" && topic.starts_with("secret/"))
+    }
+}
+
+#[tokio::test]
+async fn authentication_and_authorization_hooks() {
+    let b = Broker::new(BrokerConfig { sys_interval: 0, ..Default::default() }, Arc::new(Picky));
+    let mut c = connect_packet(V3, "x");
+    c.username = Some("bad".into());
+    let (_cl, ack) = connect_with(&b, V3, c).await;
+    assert_eq!(reason::connack_v311_code(ack.reason_code), 4);
+    let mut nosy = connect(&b, V5, "nosy").await;
+    nosy.subscribe(1, "#", QoS::AtMostOnce).await;
+    nosy.send(Packet::Subscribe(Subscribe {
+        packet_id: 2,
+        filters: vec![("forbidden".into(), SubscriptionOptions::default())],
+        ..Default::default()
+    }))
+    .await;
+    match nosy.recv().await {
+        Some(Packet::SubAck(a)) => assert_eq!(a.reason_codes, vec![reason::NOT_AUTHORIZED]),
+        other => panic!("expected SUBACK, got {other:?}"),
+    }
+    let mut p = connect(&b, V5, "p").await;
+    p.send(Packet::Publish(Publish {
+        qos: QoS::AtLeastOnce,
+        topic: "ro/x".into(),
+        packet_id: Some(1),
+        ..Default::default()
+    }))
+    .await;
+    assert_eq!(p.recv().await, Some(Packet::PubAck(PubResp::with_reason(1, reason::NOT_AUTHORIZED))));
+    p.pub_msg("secret/a", b"s", QoS::AtMostOnce, 0, false).await;
+    p.pub_msg("open/a", b"o", QoS::AtMostOnce, 0, false).await;
+    assert_eq!(nosy.publish().await.topic, "open/a");
+}
+
+#[tokio::test]
 async fn shutdown_sends_0x8b() {
     let b = broker();
     let mut c = connect(&b, V5, "c").await;
@@ -644,15 +783,17 @@ async fn shutdown_sends_0x8b() {
     c.expect_disconnect(reason::SERVER_SHUTTING_DOWN).await;
 }
 
+/// Idle connections are counted in bytes: keep the long-lived parts small.
 #[test]
-fn print_sizes_tmp() {
-    let b = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
-    b.block_on(async {
+fn per_connection_state_stays_small() {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+    rt.block_on(async {
         let br = broker();
         let (_a, srv) = tokio::io::duplex(64);
         let fut = br.serve_connection(srv, "127.0.0.1:1".parse().expect("addr"));
-        eprintln!("serve future: {}", std::mem::size_of_val(&fut));
-        eprintln!("mailbox: {}", std::mem::size_of::<super::session::Mailbox>());
-        eprintln!("conn tcp: {}", super::connection::conn_size::<tokio::net::TcpStream>());
+        assert!(std::mem::size_of_val(&fut) <= 160, "serve future: {}", std::mem::size_of_val(&fut));
+        assert!(std::mem::size_of::<super::session::Mailbox>() <= 176);
+        let conn = super::connection::conn_size::<tokio::net::TcpStream>();
+        assert!(conn <= 320, "connection state: {conn}");
     });
 }

@@ -95,6 +95,9 @@ pub const MAX_ENTRY_BYTES: usize = network::MAX_FRAME / 2;
 /// as the single-node pipeline's sink).
 pub type EventSink = Box<dyn Fn(Vec<Event>) + Send + Sync>;
 
+/// The per-command results of one applied batch.
+pub type ProposeResults = Vec<Result<Applied, StateError>>;
+
 /// One node of the static list.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -347,6 +350,31 @@ impl RaftNode {
         state: Arc<RwLock<State>>,
         event_sink: EventSink,
     ) -> Result<RaftNode, RaftError> {
+        Self::start_with(config, data_dir, state, event_sink, true).await
+    }
+
+    /// [`RaftNode::start`] for a group of one that talks to no peer: binds
+    /// no cluster listener (several single-node brokers can run side by side
+    /// without a cluster port). `config.nodes` must be this node alone.
+    pub async fn start_single(
+        config: &ClusterConfig,
+        data_dir: &Path,
+        state: Arc<RwLock<State>>,
+        event_sink: EventSink,
+    ) -> Result<RaftNode, RaftError> {
+        if config.nodes.len() != 1 || config.nodes[0].id != config.node_id {
+            return Err(RaftError::Config("a single node lists exactly itself in `nodes`".into()));
+        }
+        Self::start_with(config, data_dir, state, event_sink, false).await
+    }
+
+    async fn start_with(
+        config: &ClusterConfig,
+        data_dir: &Path,
+        state: Arc<RwLock<State>>,
+        event_sink: EventSink,
+        listen: bool,
+    ) -> Result<RaftNode, RaftError> {
         config.validate()?;
         let raft_config = Arc::new(config.openraft_config()?);
         let dir = data_dir.join("raft");
@@ -355,9 +383,15 @@ impl RaftNode {
         let storage_stats = log_store.stats();
         let snapshots = SnapshotStore::open(&dir.join("snapshot")).map_err(StorageError::from)?;
         let tls = config.tls.as_ref().map(ClusterTls::load).transpose()?;
-        let listener = TcpListener::bind(&config.listen)
-            .await
-            .map_err(|source| RaftError::Listen { addr: config.listen.clone(), source })?;
+        let listener = if listen {
+            Some(
+                TcpListener::bind(&config.listen)
+                    .await
+                    .map_err(|source| RaftError::Listen { addr: config.listen.clone(), source })?,
+            )
+        } else {
+            None
+        };
 
         let sm =
             state_machine::StateMachine::new(state, event_sink, snapshots).map_err(StorageError::from)?;
@@ -367,7 +401,9 @@ impl RaftNode {
             .map_err(|e| RaftError::Fatal(e.to_string()))?;
 
         let (stop_tx, stop_rx) = watch::channel(false);
-        tokio::spawn(server::serve(listener, raft.clone(), tls, stop_rx.clone()));
+        if let Some(listener) = listener {
+            tokio::spawn(server::serve(listener, raft.clone(), tls, stop_rx.clone()));
+        }
         let metrics = spawn_metrics(
             &raft,
             stop_rx,
@@ -435,6 +471,43 @@ impl RaftNode {
             Err(OrError::APIError(e)) => Err(RaftError::Other(e.to_string())),
             Err(OrError::Fatal(e)) => Err(RaftError::Fatal(e.to_string())),
         }
+    }
+
+    /// Hands one batch to Raft as one log entry and returns once Raft has
+    /// queued it, with a future for its outcome (like [`RaftNode::propose_indexed`]).
+    /// Entries submitted one after another (each `submit` awaited before the
+    /// next) are appended, committed and applied in submission order: they go
+    /// through one FIFO channel to the Raft core. That is what lets the
+    /// pipeline keep several batches in flight without reordering them.
+    pub async fn submit(
+        &self,
+        batch: &state::pb::Batch,
+    ) -> Result<impl std::future::Future<Output = Result<(u64, ProposeResults), RaftError>> + Send + 'static, RaftError>
+    {
+        let bytes = batch.encode_to_vec();
+        if bytes.len() > MAX_ENTRY_BYTES {
+            return Err(RaftError::TooLarge { size: bytes.len(), max: MAX_ENTRY_BYTES });
+        }
+        let (responder, rx) = openraft::impls::ProgressResponder::complete_only();
+        self.raft
+            .client_write_ff(BatchPayload(bytes.into()), Some(responder))
+            .await
+            .map_err(|e| RaftError::Fatal(e.to_string()))?;
+        Ok(async move {
+            match rx.await {
+                Ok(Ok(resp)) => Ok((resp.log_id.index, resp.data.0?)),
+                Ok(Err(ClientWriteError::ForwardToLeader(f))) => {
+                    Err(RaftError::ForwardToLeader { leader_id: f.leader_id, leader: f.leader_node })
+                }
+                Ok(Err(ClientWriteError::LogEntryDiscarded(f))) => {
+                    Err(RaftError::OutcomeUnknown { leader_id: f.leader_id })
+                }
+                Ok(Err(e)) => Err(RaftError::Other(e.to_string())),
+                // The responder was dropped: Raft stopped (or the entry was
+                // dropped without a verdict): the outcome is unknown.
+                Err(_) => Err(RaftError::OutcomeUnknown { leader_id: None }),
+            }
+        })
     }
 
     /// The latest metrics.

@@ -1,0 +1,219 @@
+//! Leadership transitions of the broker (DESIGN.md "Leadership", full-sync).
+//!
+//! Owns the broker's "may serve MQTT now" flag and the task that follows the
+//! Raft node's metrics to move it:
+//! - becoming serving (Raft `serving`: leader, own-term entry applied, quorum
+//!   contact): propose `ResetConnections` (sessions State still marks online
+//!   belonged to connections of an earlier leader or an earlier run: they go
+//!   offline, wills per their rules), rebuild the router and the registry
+//!   from State's persistent sessions, then accept CONNECTs;
+//! - losing it (leadership or quorum contact): refuse CONNECTs at once, tell
+//!   every connection to close (MQTT 5: DISCONNECT 0x9C with the leader as
+//!   Server Reference), wait (bounded) for them, then drop the fast-path
+//!   state (router, registry): the next leader rebuilds it from State.
+//!
+//! While not serving, the connection code answers CONNECT with CONNACK 0x9C
+//! (+ Server Reference, MQTT 5) or 3 "server unavailable" (3.1.1).
+//! It must not touch State other than by proposing through the pipeline.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use parking_lot::RwLock;
+use tokio::sync::watch;
+
+use crate::raft::{NodeMetrics, RaftNode};
+use crate::state::{pb, Event};
+
+use super::metrics::Metrics;
+use super::router::Router;
+use super::session::flag;
+use super::Inner;
+
+/// How long stepping down waits for the connections to close.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The broker's serving flag and the leader's MQTT address.
+pub(crate) struct Serving {
+    on: watch::Sender<bool>,
+    /// MQTT address of the current leader when it is another node (Server Reference).
+    leader_ref: RwLock<Option<String>>,
+}
+
+impl Serving {
+    /// Always serving (the broker's local pipeline, without Raft).
+    pub fn always() -> Serving {
+        Serving { on: watch::Sender::new(true), leader_ref: RwLock::new(None) }
+    }
+
+    /// Not serving until the serving task says so.
+    pub fn off() -> Serving {
+        Serving { on: watch::Sender::new(false), leader_ref: RwLock::new(None) }
+    }
+
+    pub fn is_on(&self) -> bool {
+        *self.on.borrow()
+    }
+
+    /// The leader's MQTT address for a Server Reference, when known.
+    pub fn server_reference(&self) -> Option<String> {
+        self.leader_ref.read().clone()
+    }
+
+    /// Waits until serving, at most `timeout`; returns whether it is.
+    pub async fn wait_on(&self, timeout: Duration) -> bool {
+        let mut rx = self.on.subscribe();
+        tokio::time::timeout(timeout, rx.wait_for(|on| *on)).await.is_ok_and(|r| r.is_ok())
+    }
+
+    fn set(&self, on: bool) {
+        self.on.send_replace(on);
+    }
+
+    fn note_leader(&self, m: &NodeMetrics) {
+        let r = match (&m.leader, &m.leader_addr) {
+            (Some(l), Some(a)) if *l != m.node_id => Some(a.mqtt_addr.clone()),
+            _ => None,
+        };
+        let mut cur = self.leader_ref.write();
+        if *cur != r {
+            *cur = r;
+        }
+    }
+}
+
+/// Hands the events of the Raft state machine to the broker once it exists
+/// (the Raft node starts first; events applied before go nowhere, as on a
+/// follower). Cheap to clone.
+#[derive(Clone, Default)]
+pub struct EventRelay(Arc<OnceLock<Weak<Inner>>>);
+
+impl EventRelay {
+    pub fn new() -> EventRelay {
+        EventRelay::default()
+    }
+
+    /// The sink to give `RaftNode::start`. It runs on the state-machine task:
+    /// it only takes the broker's short locks and signals mailboxes.
+    pub fn sink(&self) -> crate::raft::EventSink {
+        let relay = self.clone();
+        Box::new(move |events: Vec<Event>| {
+            if let Some(inner) = relay.0.get().and_then(Weak::upgrade) {
+                inner.on_events(events);
+            }
+        })
+    }
+
+    pub(crate) fn bind(&self, inner: Weak<Inner>) {
+        if self.0.set(inner).is_err() {
+            tracing::warn!("event relay bound twice; keeping the first broker");
+        }
+    }
+}
+
+/// Follows the Raft metrics and moves the serving flag (see the module docs).
+pub(crate) async fn run(weak: Weak<Inner>, raft: RaftNode) {
+    let mut rx = raft.subscribe();
+    loop {
+        // Wait for Raft to say this node may serve.
+        loop {
+            let serving = {
+                let m = rx.borrow_and_update();
+                if let Some(inner) = weak.upgrade() {
+                    inner.serving.note_leader(&m);
+                }
+                m.serving
+            };
+            if serving {
+                break;
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+        let Some(inner) = weak.upgrade() else { return };
+        if inner.shutting_down.load(Ordering::Relaxed) {
+            return;
+        }
+        if !become_serving(&inner).await {
+            // Leadership went while taking over: start again from the metrics.
+            drop(inner);
+            if rx.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        drop(inner);
+        // Serve until Raft says otherwise.
+        loop {
+            if rx.changed().await.is_err() {
+                return;
+            }
+            let m = rx.borrow_and_update().clone();
+            if let Some(inner) = weak.upgrade() {
+                inner.serving.note_leader(&m);
+            }
+            if !m.serving {
+                tracing::info!(leader = ?m.leader, role = ?m.role, "stopped serving MQTT: not the leader or no quorum contact");
+                break;
+            }
+        }
+        let Some(inner) = weak.upgrade() else { return };
+        step_down(&inner).await;
+    }
+}
+
+/// ResetConnections, rebuild, serve. False when the reset did not commit.
+async fn become_serving(inner: &Arc<Inner>) -> bool {
+    let reset = pb::ResetConnections { publish_wills: true };
+    let cmd = pb::Command { cmd: Some(pb::command::Cmd::ResetConnections(reset)) };
+    if let Err(e) = inner.pipeline.propose(cmd).await {
+        tracing::warn!(error = %e, "could not take over the sessions (ResetConnections)");
+        return false;
+    }
+    rebuild(inner);
+    inner.serving.set(true);
+    tracing::info!(
+        sessions = Metrics::get(&inner.metrics.sessions_persistent),
+        "serving MQTT (leader, sessions restored)"
+    );
+    true
+}
+
+/// The router and registry from State's persistent sessions, from scratch.
+fn rebuild(inner: &Inner) {
+    drop_fast_path(inner);
+    inner.restore_sessions();
+}
+
+fn drop_fast_path(inner: &Inner) {
+    let old_registry = std::mem::take(&mut *inner.registry.lock());
+    *inner.router.write() = Router::default();
+    inner.metrics.sessions_persistent.store(0, Ordering::Relaxed);
+    inner.metrics.subscriptions.store(0, Ordering::Relaxed);
+    drop(old_registry);
+}
+
+/// Refuse, disconnect everyone, wait for them (bounded), drop the fast path.
+async fn step_down(inner: &Arc<Inner>) {
+    inner.serving.set(false);
+    let deadline = Instant::now() + DRAIN_TIMEOUT;
+    loop {
+        let mailboxes: Vec<_> = inner.registry.lock().values().cloned().collect();
+        for m in &mailboxes {
+            m.signal(flag::NOT_SERVING);
+        }
+        if Metrics::get(&inner.metrics.clients_connected) == 0 || Instant::now() >= deadline {
+            break;
+        }
+        // Connections close on their own tasks; look again shortly (also
+        // catches one that attached while CONNECT was in progress).
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let left = Metrics::get(&inner.metrics.clients_connected);
+    if left > 0 {
+        tracing::warn!(left, "connections still open after stepping down");
+    }
+    drop_fast_path(inner);
+}
