@@ -286,7 +286,7 @@ async fn partitioned_leader_stops_serving_and_nothing_acknowledged_is_lost() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     eprintln!(
-        "partitioned leader {l1}: /health/leader 503 {stopped:?} after `docker network disconnect` returned ({:?} after it began); election timeout max {ELECTION_TIMEOUT_MAX_MS} ms",
+        "partitioned leader {l1}: /health/leader 503 {stopped:?} after `docker network disconnect` returned (the command took {:?}); election timeout max {ELECTION_TIMEOUT_MAX_MS} ms",
         t_cut - t_cmd
     );
     assert!(

@@ -249,6 +249,26 @@ impl Cluster {
         }
     }
 
+    /// SIGSTOP: the node freezes (its sockets stay open, it answers nothing).
+    pub fn pause(&mut self, id: u64) {
+        self.signal(id, "-STOP");
+    }
+
+    /// SIGCONT after [`Cluster::pause`].
+    pub fn resume(&mut self, id: u64) {
+        self.signal(id, "-CONT");
+    }
+
+    fn signal(&mut self, id: u64, sig: &str) {
+        let Some(pid) = self.node_mut(id).child.as_ref().map(|c| c.id()) else {
+            panic!("node {id} is not running");
+        };
+        match Command::new("kill").arg(sig).arg(pid.to_string()).status() {
+            Ok(s) if s.success() => {}
+            other => panic!("kill {sig} {pid}: {other:?}"),
+        }
+    }
+
     pub async fn wait_live(&mut self, id: u64) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
