@@ -163,9 +163,11 @@ impl Config {
             if n.id == 0 {
                 return rule("node ids must be at least 1".into());
             }
-            for (key, addr) in
-                [("cluster_addr", &n.cluster_addr), ("mqtt_addr", &n.mqtt_addr), ("admin_addr", &n.admin_addr)]
-            {
+            for (key, addr) in [
+                ("cluster_addr", &n.cluster_addr),
+                ("mqtt_addr", &n.mqtt_addr),
+                ("admin_addr", &n.admin_addr),
+            ] {
                 if !valid_host_port(addr) {
                     return rule(format!("node {}: {key} = {addr:?} is not host:port", n.id));
                 }
@@ -182,7 +184,9 @@ impl Config {
 fn valid_host_port(s: &str) -> bool {
     match s.rsplit_once(':') {
         Some((host, port)) => {
-            !host.is_empty() && !host.contains(char::is_whitespace) && port.parse::<u16>().is_ok_and(|p| p > 0)
+            !host.is_empty()
+                && !host.contains(char::is_whitespace)
+                && port.parse::<u16>().is_ok_and(|p| p > 0)
         }
         None => false,
     }

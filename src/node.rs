@@ -145,8 +145,14 @@ impl Node {
         } else {
             RaftNode::start(&cluster, &config.data_dir, state.clone(), relay.sink()).await?
         };
-        let broker =
-            Broker::with_raft(config.mqtt.clone(), auth, state, raft.clone(), &relay, commit_timeout(&cluster));
+        let broker = Broker::with_raft(
+            config.mqtt.clone(),
+            auth,
+            state,
+            raft.clone(),
+            &relay,
+            commit_timeout(&cluster),
+        );
 
         let view = Arc::new(RaftView { raft: raft.clone(), broker: broker.clone() });
         let admin = match AdminServer::bind(&config.admin, view).await {
@@ -278,21 +284,46 @@ fn render_raft_metrics(raft: &RaftNode, serving: bool, out: &mut String) {
     let applied = m.applied_index.unwrap_or(0);
     let rows: [(&str, &str, &str, f64); 16] = [
         ("raftmq_raft_term", "gauge", "Current Raft term", m.term as f64),
-        ("raftmq_raft_is_leader", "gauge", "1 on the leader", f64::from(u8::from(m.role == raft::Role::Leader))),
+        (
+            "raftmq_raft_is_leader",
+            "gauge",
+            "1 on the leader",
+            f64::from(u8::from(m.role == raft::Role::Leader)),
+        ),
         ("raftmq_raft_serving", "gauge", "1 while this node serves MQTT", f64::from(u8::from(serving))),
         ("raftmq_raft_leader_changes_total", "counter", "Leader changes seen", m.leader_changes as f64),
         ("raftmq_raft_last_log_index", "gauge", "Last log index", m.last_log_index.unwrap_or(0) as f64),
         ("raftmq_raft_commit_index", "gauge", "Committed log index", commit as f64),
         ("raftmq_raft_applied_index", "gauge", "Applied log index", applied as f64),
-        ("raftmq_raft_apply_lag", "gauge", "Committed entries not yet applied", commit.saturating_sub(applied) as f64),
-        ("raftmq_raft_snapshot_index", "gauge", "Log index of the newest snapshot", m.snapshot_index.unwrap_or(0) as f64),
+        (
+            "raftmq_raft_apply_lag",
+            "gauge",
+            "Committed entries not yet applied",
+            commit.saturating_sub(applied) as f64,
+        ),
+        (
+            "raftmq_raft_snapshot_index",
+            "gauge",
+            "Log index of the newest snapshot",
+            m.snapshot_index.unwrap_or(0) as f64,
+        ),
         ("raftmq_raft_voters", "gauge", "Voting members", m.voters.len() as f64),
-        ("raftmq_raft_fsyncs_total", "counter", "Log flushes (fsync), one per group commit", s.flushes as f64),
+        (
+            "raftmq_raft_fsyncs_total",
+            "counter",
+            "Log flushes (fsync), one per group commit",
+            s.flushes as f64,
+        ),
         ("raftmq_raft_appends_total", "counter", "Log append calls", s.appends as f64),
         ("raftmq_raft_entries_appended_total", "counter", "Log entries appended", s.entries as f64),
         ("raftmq_raft_bytes_appended_total", "counter", "Log bytes appended", s.bytes as f64),
         ("raftmq_raft_flush_p50_seconds", "gauge", "Log flush latency, median", s.flush_p50_us as f64 / 1e6),
-        ("raftmq_raft_flush_p99_seconds", "gauge", "Log flush latency, 99th percentile", s.flush_p99_us as f64 / 1e6),
+        (
+            "raftmq_raft_flush_p99_seconds",
+            "gauge",
+            "Log flush latency, 99th percentile",
+            s.flush_p99_us as f64 / 1e6,
+        ),
     ];
     for (name, kind, help, value) in rows {
         let _ = writeln!(out, "# HELP {name} {help}.\n# TYPE {name} {kind}\n{name} {value}");

@@ -102,21 +102,23 @@ fn build_image(env: &mut Env) {
             .map(|_| String::new()),
     );
     let image = format!("{}:test", env.prefix);
-    let tar = Command::new("tar")
+    let mut tar = Command::new("tar")
         .arg("-C")
         .arg(&root)
         .args(["-c", "."])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("tar: {e}"));
-    let Some(tar_out) = tar.stdout else { panic!("tar has no stdout") };
+    let Some(tar_out) = tar.stdout.take() else { panic!("tar has no stdout") };
+    env.image = Some(image.clone());
     let out = Command::new("docker")
         .args(["import", "-c", "ENTRYPOINT [\"/raftmq\"]", "-", &image])
         .stdin(Stdio::from(tar_out))
         .output()
         .unwrap_or_else(|e| panic!("docker import: {e}"));
+    let tar_status = tar.wait().unwrap_or_else(|e| panic!("tar: {e}"));
+    assert!(tar_status.success(), "tar of the root file system: {tar_status}");
     assert!(out.status.success(), "docker import: {}", String::from_utf8_lossy(&out.stderr));
-    env.image = Some(image);
 }
 
 /// Creates a network with a /24 of our own, so containers get fixed

@@ -115,7 +115,10 @@ impl CommitStats {
         let _ = writeln!(out, "{name}_sum {}", self.sum_us.load(Ordering::Relaxed) as f64 / 1e6);
         let _ = writeln!(out, "{name}_count {}", self.count.load(Ordering::Relaxed));
         let f = "raftmq_raft_proposals_failed_total";
-        let _ = writeln!(out, "# HELP {f} Batches not known to be committed (not leader, timeout, outcome unknown).");
+        let _ = writeln!(
+            out,
+            "# HELP {f} Batches not known to be committed (not leader, timeout, outcome unknown)."
+        );
         let _ = writeln!(out, "# TYPE {f} counter");
         let _ = writeln!(out, "{f} {}", self.failed.load(Ordering::Relaxed));
     }
@@ -308,7 +311,8 @@ fn cut_batch(carry: &mut std::collections::VecDeque<Proposal>) -> (pb::Batch, Re
     let mut bytes = 0;
     while let Some(p) = carry.front() {
         let len = p.cmd.encoded_len() + 8;
-        if !batch.commands.is_empty() && (bytes + len > MAX_BATCH_BYTES || batch.commands.len() >= MAX_BATCH) {
+        if !batch.commands.is_empty() && (bytes + len > MAX_BATCH_BYTES || batch.commands.len() >= MAX_BATCH)
+        {
             break;
         }
         let Some(p) = carry.pop_front() else { break };

@@ -482,8 +482,10 @@ impl RaftNode {
     pub async fn submit(
         &self,
         batch: &state::pb::Batch,
-    ) -> Result<impl std::future::Future<Output = Result<(u64, ProposeResults), RaftError>> + Send + 'static, RaftError>
-    {
+    ) -> Result<
+        impl std::future::Future<Output = Result<(u64, ProposeResults), RaftError>> + Send + 'static,
+        RaftError,
+    > {
         let bytes = batch.encode_to_vec();
         if bytes.len() > MAX_ENTRY_BYTES {
             return Err(RaftError::TooLarge { size: bytes.len(), max: MAX_ENTRY_BYTES });
