@@ -272,6 +272,28 @@ impl AdminView for RaftView {
         self.broker.metrics().render_prometheus(out);
         render_raft_metrics(&self.raft, self.broker.is_serving(), out);
         self.broker.pipeline().commit_stats().render_prometheus(out);
+        render_state_metrics(&self.broker.state().read(), out);
+    }
+}
+
+/// This replica's view of the replicated State (equal on every node once
+/// they have applied the same entries).
+fn render_state_metrics(st: &State, out: &mut String) {
+    use std::fmt::Write as _;
+    let (mut queued, mut inflight) = (0usize, 0usize);
+    for (_, s) in st.sessions() {
+        queued += s.queue_len();
+        inflight += s.inflight_len();
+    }
+    let rows: [(&str, &str, usize); 5] = [
+        ("raftmq_state_sessions", "Persistent sessions in the replicated state", st.session_count()),
+        ("raftmq_state_subscriptions", "Subscriptions of persistent sessions", st.subscription_count()),
+        ("raftmq_state_retained", "Retained messages", st.retained_count()),
+        ("raftmq_state_queued_messages", "Messages queued for persistent sessions", queued),
+        ("raftmq_state_inflight_messages", "Messages in flight to persistent sessions", inflight),
+    ];
+    for (name, help, value) in rows {
+        let _ = writeln!(out, "# HELP {name} {help} (this replica).\n# TYPE {name} gauge\n{name} {value}");
     }
 }
 

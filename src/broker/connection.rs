@@ -308,6 +308,8 @@ struct Conn<S> {
     next_pid: u16,
     /// The first scan after resuming a session sends with DUP.
     resume_dup: bool,
+    /// State in-flight entries were held back by the client's Receive Maximum.
+    state_deferred: bool,
     acks: Vec<pb::AckEntry>,
     /// Rarely used state, allocated on first use (idle connections stay small).
     cold: Option<Box<Cold>>,
@@ -550,6 +552,7 @@ where
         out_inflight: BTreeMap::new(),
         next_pid: 1,
         resume_dup: session_present,
+        state_deferred: false,
         acks: Vec::new(),
         cold: None,
         io,
@@ -848,6 +851,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         if p.qos != QoS::AtMostOnce && self.in_unacked >= cfg.receive_maximum.max(1) {
             return Err(Close::server(reason::RECEIVE_MAXIMUM_EXCEEDED, "receive maximum exceeded"));
         }
+        if !p.properties.subscription_identifiers.is_empty() {
+            // MQTT 5 3.3.4-6: only the server sends Subscription Identifiers.
+            return Err(Close::server(reason::PROTOCOL_ERROR, "subscription identifier in a client PUBLISH"));
+        }
         let topic = self.resolve_alias(p.topic, p.properties.topic_alias)?;
         if !topic::valid_topic_name(&topic) {
             return Err(Close::server(reason::TOPIC_NAME_INVALID, "invalid topic name"));
@@ -1030,6 +1037,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             self.cold().state_sent.insert(pid, Sent::Done { msg });
             self.ack(pid, pb::AckKind::Puback);
         }
+        if self.state_deferred {
+            self.scan_state();
+        }
         self.pump_out();
     }
 
@@ -1064,6 +1074,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         } else {
             self.send(&Packet::PubRel(PubResp::new(pid)));
         }
+        if self.state_deferred {
+            self.scan_state();
+        }
         self.pump_out();
     }
 
@@ -1074,6 +1087,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         } else if let Some(Sent::Released { msg }) = self.state_sent().get(&pid).copied() {
             self.cold().state_sent.insert(pid, Sent::Done { msg });
             self.ack(pid, pb::AckKind::Pubcomp);
+        }
+        if self.state_deferred {
+            self.scan_state();
         }
         self.pump_out();
     }
@@ -1412,6 +1428,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         };
         let dup = self.resume_dup;
         self.resume_dup = false;
+        self.state_deferred = false;
         let mut present: HashSet<u16> = HashSet::with_capacity(sess.inflight_len());
         let mut budget = usize::from(self.client_receive_max).saturating_sub(self.inflight_count());
         let now = now_ms();
@@ -1428,14 +1445,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
                 continue;
             }
             if e.awaiting_pubcomp {
+                budget = budget.saturating_sub(1);
                 self.io.send(&Packet::PubRel(PubResp::new(pid)), &inner.metrics);
                 self.cold().state_sent.insert(pid, Sent::Released { msg: msg_key });
                 continue;
             }
-            if budget == 0 && !dup {
+            if budget == 0 {
+                // The client's Receive Maximum is reached (e.g. it resumed with a
+                // smaller one): send it when an acknowledgement frees room.
+                self.state_deferred = true;
                 continue;
             }
-            budget = budget.saturating_sub(1);
+            budget -= 1;
             let m = &e.delivery.message;
             let expiry = if m.expires_at_ms == 0 {
                 None
@@ -1494,6 +1515,41 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
 
     async fn finish(mut self: Box<Self>, close: Close) {
         let metrics = self.inner.metrics.clone();
+        let publish_will = !matches!(close, Close::Client { will: false });
+        // This node stopped serving: nothing it proposes can commit any more,
+        // and the next leader ends the session (ResetConnections, wills). Drop
+        // what was pending without acknowledging it.
+        let stepped_down = matches!(close, Close::Server { reason: reason::USE_ANOTHER_SERVER, .. });
+        if stepped_down {
+            self.pending.clear();
+            self.unsent = 0;
+            self.acks.clear();
+        }
+        // The session is offline from now on: the router hands its messages to
+        // State (queued for a persistent session) instead of this closing
+        // connection, and SessionClose takes its place in the pipeline at once.
+        self.mailbox.set_offline();
+        for p in self.pending.iter_mut() {
+            if let Stage::Unsent(_) = &p.stage {
+                let Stage::Unsent(cmd) = std::mem::replace(&mut p.stage, Stage::Done(None)) else { continue };
+                if let Ok(rx) = self.inner.pipeline.submit(*cmd).await {
+                    p.stage = Stage::Waiting(rx);
+                }
+            }
+        }
+        let session_close = if self.managed && !stepped_down {
+            let close_cmd = pb::SessionClose {
+                client_id: self.client_id.to_string(),
+                session_expiry_s: Some(self.session_expiry),
+                publish_will,
+                connection_id: self.conn_id,
+            };
+            let cmd = pb::Command { cmd: Some(pb::command::Cmd::SessionClose(close_cmd)) };
+            self.inner.pipeline.submit(cmd).await.ok()
+        } else {
+            None
+        };
+
         if let Close::Server { reason, text } = close {
             tracing::debug!(client_id = %self.client_id, reason, text, "server closes connection");
             if self.version.is_v5() && reason >= 0x80 {
@@ -1504,14 +1560,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
                 self.send(&Packet::Disconnect(d));
             }
         }
-        // This node stopped serving: nothing it proposes can commit any more,
-        // and the next leader ends the session (ResetConnections, wills). Drop
-        // what was pending without acknowledging it.
-        let stepped_down = matches!(close, Close::Server { reason: reason::USE_ANOTHER_SERVER, .. });
-        if stepped_down {
-            self.pending.clear();
-            self.acks.clear();
-        }
         if !self.io.wbuf.is_empty() {
             let _ = tokio::time::timeout(Duration::from_secs(1), self.io.write_out(&metrics)).await;
         }
@@ -1520,16 +1568,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             tokio::io::AsyncWriteExt::shutdown(&mut self.io.stream),
         )
         .await;
-        let publish_will = !matches!(close, Close::Client { will: false });
 
         // Proposals still in flight are applied anyway; their fast-path copies still go out.
         while let Some(p) = self.pending.pop_front() {
             let reply = match p.stage {
-                Stage::Unsent(cmd) => match self.inner.pipeline.propose(*cmd).await {
-                    Ok(a) => Ok(a),
-                    Err(super::PipelineError::State(e)) => Err(e),
-                    Err(super::PipelineError::Closed) => break,
-                },
+                Stage::Unsent(_) => break,
                 Stage::Waiting(rx) => match rx.await {
                     Ok(r) => r,
                     Err(_) => break,
@@ -1537,33 +1580,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
                 Stage::Done(Some(Ok(r))) => r,
                 Stage::Done(_) => Ok(Applied::default()),
             };
-            let reply = Some(reply);
             if let Action::Publish { msg, targets, .. } = p.action {
-                if !matches!(reply, Some(Err(_))) {
+                if reply.is_ok() {
                     self.inner.deliver(&msg, targets, false);
                 }
             }
         }
 
         if self.managed && !stepped_down {
+            // Subscriber acks reach State before anyone can resume the session.
             self.flush_acks().await;
             let (tx, rx) = oneshot::channel();
             if self.inner.acks.send(AckMsg::Flush(tx)).await.is_ok() {
                 let _ = rx.await;
             }
-            let close_cmd = pb::SessionClose {
-                client_id: self.client_id.to_string(),
-                session_expiry_s: Some(self.session_expiry),
-                publish_will,
-                connection_id: self.conn_id,
-            };
-            let r: Result<Applied, _> = self
-                .inner
-                .pipeline
-                .propose(pb::Command { cmd: Some(pb::command::Cmd::SessionClose(close_cmd)) })
-                .await;
-            if let Err(e) = r {
-                tracing::warn!(client_id = %self.client_id, error = %e, "session close failed");
+            match session_close {
+                Some(rx) => match rx.await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(client_id = %self.client_id, error = %e, "session close failed")
+                    }
+                    Err(_) => tracing::warn!(client_id = %self.client_id, "session close not applied"),
+                },
+                None => tracing::warn!(client_id = %self.client_id, "session close not proposed"),
             }
         } else if publish_will && !stepped_down {
             if let Some(w) = self.cold.as_mut().and_then(|c| c.will.take()) {

@@ -141,6 +141,11 @@ impl Mailbox {
         self.managed.store(v, Ordering::Relaxed);
     }
 
+    /// The attached connection is closing: deliveries stop now.
+    pub fn set_offline(&self) {
+        self.online.store(false, Ordering::Relaxed);
+    }
+
     pub fn is_online(&self) -> bool {
         self.online.load(Ordering::Relaxed)
     }
@@ -158,7 +163,7 @@ impl Mailbox {
     ) -> Push {
         let waker = {
             let mut g = self.inner.lock();
-            if g.conn_id == 0 {
+            if g.conn_id == 0 || !self.online.load(Ordering::Relaxed) {
                 return Push::Offline;
             }
             if !auth.can_receive(&self.client_id, g.username.as_deref(), &d.msg.topic) {

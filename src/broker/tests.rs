@@ -573,6 +573,10 @@ async fn packet_too_large_and_topic_invalid() {
     let mut c = connect(&b, V5, "c").await;
     c.send(Packet::Publish(Publish { topic: "a/+".into(), ..Default::default() })).await;
     c.expect_disconnect(reason::TOPIC_NAME_INVALID).await;
+    let mut c = connect(&b, V5, "c").await;
+    let props = PublishProperties { subscription_identifiers: vec![3], ..Default::default() };
+    c.send(Packet::Publish(Publish { topic: "a".into(), properties: props, ..Default::default() })).await;
+    c.expect_disconnect(reason::PROTOCOL_ERROR).await;
 }
 
 #[tokio::test]
