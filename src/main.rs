@@ -36,6 +36,11 @@ enum Command {
     /// Load tool: drives any MQTT broker and reports throughput, latency and the
     /// broker's CPU and memory.
     Bench(raftmq::bench::BenchArgs),
+    /// Client of a node's admin API: status, members, leadership.
+    Ctl(raftmq::ctl::CtlArgs),
+    /// Starts N real nodes on loopback (configurations under DIR) to try a
+    /// cluster and failover; Ctrl-C stops them all.
+    LocalCluster(raftmq::local_cluster::LocalClusterArgs),
     /// Prints a password hash in mosquitto_passwd's `$7$` format, for password files.
     Passwd {
         /// User name of the line to print.
@@ -79,6 +84,8 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Ctl(args) => raftmq::ctl::run(args),
+        Command::LocalCluster(args) => raftmq::local_cluster::run(args),
         Command::Passwd { username, password_stdin, password } => {
             let password = match (password, password_stdin) {
                 (Some(p), false) => p,

@@ -8,12 +8,19 @@
 //! - `GET /metrics`: Prometheus text exposition 0.0.4;
 //! - `GET /api/v1/status`: JSON status; every `/api/v1` route needs
 //!   `Authorization: Bearer <token>` when a token is configured (401 otherwise);
+//! - `/api/v1/cluster...`: members, leader transfer and pinning ([`cluster`]),
+//!   served through the node's [`RaftNode`]; requests that need the leader are
+//!   forwarded to it;
 //!
 //! and the [`AdminView`] trait through which it reads the node.
 //!
 //! Must not touch: the broker or the state directly. It only calls [`AdminView`],
-//! which the broker (later the Raft node) implements; later `/api/v1` routes are
-//! added in [`api_routes`] and inherit the token check.
+//! which the node implements, and [`RaftNode`]; later `/api/v1` routes are
+//! added in [`api_routes`] and inherit the token check. [`client`] is the small
+//! HTTP client used for forwarding and by `raftmq ctl`.
+
+pub mod client;
+pub mod cluster;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,6 +34,12 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+use crate::raft::RaftNode;
+use cluster::{ApiState, ErrorBody};
+
+/// Where the REST API lives.
+pub const API_PREFIX: &str = "/api/v1";
 
 /// Content type of the Prometheus text exposition format.
 pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -117,12 +130,22 @@ impl AdminServer {
     /// Binds the socket so the caller learns the address (and port-in-use errors)
     /// before spawning [`run`](AdminServer::run).
     pub async fn bind(cfg: &AdminConfig, view: Arc<dyn AdminView>) -> Result<AdminServer, AdminError> {
+        AdminServer::bind_with_cluster(cfg, view, None).await
+    }
+
+    /// [`bind`](AdminServer::bind), with the Raft node the cluster routes use
+    /// (without one they answer 503).
+    pub async fn bind_with_cluster(
+        cfg: &AdminConfig,
+        view: Arc<dyn AdminView>,
+        raft: Option<Arc<RaftNode>>,
+    ) -> Result<AdminServer, AdminError> {
         let listener = TcpListener::bind(cfg.listen)
             .await
             .map_err(|source| AdminError::Bind { addr: cfg.listen, source })?;
         let local_addr =
             listener.local_addr().map_err(|source| AdminError::Bind { addr: cfg.listen, source })?;
-        Ok(AdminServer { listener, local_addr, router: router(view, cfg.token.clone()) })
+        Ok(AdminServer { listener, local_addr, router: router_with_cluster(view, cfg.token.clone(), raft) })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -150,23 +173,32 @@ pub async fn serve(
 
 /// Every admin route. An empty token counts as none.
 pub fn router(view: Arc<dyn AdminView>, token: Option<String>) -> Router {
+    router_with_cluster(view, token, None)
+}
+
+/// Every admin route, the cluster routes served by `raft`.
+pub fn router_with_cluster(
+    view: Arc<dyn AdminView>,
+    token: Option<String>,
+    raft: Option<Arc<RaftNode>>,
+) -> Router {
     let token: Option<Arc<str>> = token.filter(|t| !t.is_empty()).map(Arc::from);
     let api = api_routes()
         .route_layer(middleware::from_fn_with_state(token, require_token))
-        .with_state(view.clone());
+        .with_state(ApiState { view: view.clone(), raft });
     Router::new()
         .route("/health/live", get(|| async { "ok" }))
         .route("/health/ready", get(health_ready))
         .route("/health/leader", get(health_leader))
         .route("/metrics", get(metrics))
         .with_state(view)
-        .nest("/api/v1", api)
+        .nest(API_PREFIX, api)
 }
 
 /// The `/api/v1` routes (relative paths). Add later REST endpoints here: they get
 /// the token check from [`router`].
-fn api_routes() -> Router<Arc<dyn AdminView>> {
-    Router::new().route("/status", get(api_status))
+fn api_routes() -> Router<ApiState> {
+    Router::new().route("/status", get(api_status)).merge(cluster::routes())
 }
 
 async fn require_token(State(token): State<Option<Arc<str>>>, request: Request, next: Next) -> Response {
@@ -182,7 +214,8 @@ async fn require_token(State(token): State<Option<Arc<str>>>, request: Request, 
     match presented {
         Some(p) if crate::auth::constant_time_eq(p.as_bytes(), token.as_bytes()) => next.run(request).await,
         _ => {
-            let mut response = (StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n").into_response();
+            let body = ErrorBody { error: "missing or wrong bearer token".into() };
+            let mut response = (StatusCode::UNAUTHORIZED, Json(body)).into_response();
             response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             response
         }
@@ -214,5 +247,7 @@ async fn api_status(State(view): State<Arc<dyn AdminView>>) -> Json<NodeStatus> 
     Json(view.node_status())
 }
 
+#[cfg(test)]
+mod cluster_tests;
 #[cfg(test)]
 mod tests;

@@ -53,6 +53,7 @@
 
 pub mod convert;
 pub mod network;
+pub mod pin;
 mod server;
 pub mod state_machine;
 pub mod tls;
@@ -83,6 +84,7 @@ use tokio::sync::watch;
 
 use crate::state::{self, Applied, Event, State, StateError};
 use crate::storage::{LogStore, SnapshotStore, StorageError, StorageStats, StorageStatsSnapshot};
+pub use pin::MemberProgress;
 pub use tls::{ClusterTls, TlsConfig, TlsError};
 pub use types::{ApplyOutcome, BatchPayload, NodeAddr, NodeId, Raft, TypeConfig};
 
@@ -281,6 +283,8 @@ pub struct RaftNode {
     /// Resolves when the log store has released its files.
     store_closed: Arc<tokio::sync::Mutex<Option<StoreClosed>>>,
     storage_stats: Arc<StorageStats>,
+    /// The State this node applies into (the pin task reads its settings).
+    state: Arc<RwLock<State>>,
 }
 
 type StoreClosed = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
@@ -393,8 +397,8 @@ impl RaftNode {
             None
         };
 
-        let sm =
-            state_machine::StateMachine::new(state, event_sink, snapshots).map_err(StorageError::from)?;
+        let sm = state_machine::StateMachine::new(state.clone(), event_sink, snapshots)
+            .map_err(StorageError::from)?;
         let network = network::NetworkFactory::new(config.node_id, tls.clone());
         let raft = Raft::new(config.node_id, raft_config, network, log_store, sm)
             .await
@@ -418,7 +422,9 @@ impl RaftNode {
             stop: Arc::new(stop_tx),
             store_closed: Arc::new(tokio::sync::Mutex::new(Some(store_closed))),
             storage_stats,
+            state,
         };
+        pin::spawn(node.clone(), node.stop.subscribe());
         if config.is_bootstrap_node() {
             node.bootstrap(config).await?;
         }

@@ -115,6 +115,8 @@ pub enum StateError {
     InvalidSnapshot(String),
     #[error("protobuf decode: {0}")]
     Decode(#[from] prost::DecodeError),
+    #[error("invalid node id {0}")]
+    InvalidNodeId(u64),
 }
 
 /// What the broker learns from applying a command.
@@ -168,6 +170,8 @@ pub struct State {
     retained_expiry: BTreeSet<(u64, String)>,
     /// Persistent sessions' non-shared subscriptions: filter -> client id -> options.
     tree: SubscriptionTree<String, SubOptions>,
+    /// Cluster settings (pinned leader, mode): replicated like everything else.
+    cluster: pb::ClusterSettings,
 }
 
 /// One matched session while routing, before copies are made.
@@ -217,7 +221,13 @@ impl State {
             retained: BTreeMap::new(),
             retained_expiry: BTreeSet::new(),
             tree: SubscriptionTree::new(),
+            cluster: pb::ClusterSettings::default(),
         }
+    }
+
+    /// The cluster settings (pinned leader, mode).
+    pub fn cluster_settings(&self) -> &pb::ClusterSettings {
+        &self.cluster
     }
 
     pub fn limits(&self) -> &Limits {
@@ -268,6 +278,12 @@ impl State {
             Cmd::Ack(c) => self.ack(c, &mut out),
             Cmd::Tick(_) => self.tick(&mut out),
             Cmd::ResetConnections(c) => self.reset_connections(c, &mut out),
+            Cmd::PinLeader(c) => {
+                if c.node_id == Some(0) {
+                    return Err(StateError::InvalidNodeId(0));
+                }
+                self.cluster.pinned_leader = c.node_id;
+            }
         }
         Ok(out)
     }
@@ -686,6 +702,7 @@ impl State {
                 .values()
                 .map(|r| pb::RetainedMessage { message: Some((*r.message).clone()), set_at_ms: r.set_at_ms })
                 .collect(),
+            cluster: Some(self.cluster),
         }
     }
 

@@ -97,6 +97,15 @@ pub(super) fn restore(snap: pb::Snapshot, limits: Limits) -> Result<State, State
         }
     }
     let mut st = State::new(limits);
+    if let Some(c) = snap.cluster {
+        if c.pinned_leader == Some(0) {
+            return Err(StateError::InvalidNodeId(0));
+        }
+        if pb::Mode::try_from(c.mode).is_err() {
+            return Err(invalid(format!("mode {}", c.mode)));
+        }
+        st.cluster = c;
+    }
     st.now_ms = snap.now_ms;
     st.sessions = sessions;
     st.tree = tree;

@@ -734,6 +734,42 @@ fn restored_state_routes_through_the_rebuilt_tree() {
     assert_eq!(r.subscription_count(), 1);
 }
 
+#[test]
+fn pin_leader_is_recorded_kept_by_snapshots_and_cleared() {
+    let mut st = State::new(limits());
+    assert_eq!(st.cluster_settings().pinned_leader, None);
+    assert_eq!(st.cluster_settings().mode(), pb::Mode::FullSync);
+    run1(&mut st, 1, cmd(Cmd::PinLeader(pb::PinLeader { node_id: Some(3) })));
+    assert_eq!(st.cluster_settings().pinned_leader, Some(3));
+    let r = State::from_snapshot_bytes(&st.snapshot_bytes(), limits()).expect("restore");
+    assert_eq!(r.cluster_settings().pinned_leader, Some(3));
+    assert_eq!(r.digest(), st.digest());
+
+    // Node id 0 does not exist: an error, and nothing changes.
+    let res = st.apply_batch(&pb::Batch {
+        now_ms: 2,
+        commands: vec![cmd(Cmd::PinLeader(pb::PinLeader { node_id: Some(0) }))],
+    });
+    assert!(matches!(res[0], Err(StateError::InvalidNodeId(0))));
+    assert_eq!(st.cluster_settings().pinned_leader, Some(3));
+
+    run1(&mut st, 3, cmd(Cmd::PinLeader(pb::PinLeader { node_id: None })));
+    assert_eq!(st.cluster_settings().pinned_leader, None);
+
+    // A snapshot of an older version (no cluster settings) restores the defaults;
+    // invalid settings are refused.
+    let mut old = st.snapshot();
+    old.cluster = None;
+    let r = State::from_snapshot(old, limits()).expect("restore");
+    assert_eq!(r.cluster_settings(), &pb::ClusterSettings::default());
+    let mut bad = st.snapshot();
+    bad.cluster = Some(pb::ClusterSettings { pinned_leader: Some(0), mode: 0 });
+    assert!(State::from_snapshot(bad, limits()).is_err());
+    let mut bad = st.snapshot();
+    bad.cluster = Some(pb::ClusterSettings { pinned_leader: None, mode: 7 });
+    assert!(matches!(State::from_snapshot(bad, limits()), Err(StateError::InvalidSnapshot(_))));
+}
+
 // ------------------------------------------------------------ properties
 
 fn arb_command() -> impl Strategy<Value = pb::Command> {
@@ -811,6 +847,7 @@ fn arb_command() -> impl Strategy<Value = pb::Command> {
             .prop_map(|(c, id)| cmd(Cmd::Release(pb::Release { client_id: c.into(), packet_id: id }))),
         1 => Just(tick()),
         1 => any::<bool>().prop_map(|w| cmd(Cmd::ResetConnections(pb::ResetConnections { publish_wills: w }))),
+        1 => prop::option::of(0u64..4).prop_map(|n| cmd(Cmd::PinLeader(pb::PinLeader { node_id: n }))),
     ]
 }
 
