@@ -33,6 +33,11 @@ fn num_of(p: &Pub) -> Option<u32> {
 struct SubLog {
     /// Message number -> times handed to the application.
     got: BTreeMap<u32, u32>,
+    /// Every PUBLISH received, per number: (connection #, packet id, DUP,
+    /// handed on). Printed when a check fails.
+    trace: BTreeMap<u32, Vec<(usize, u16, bool, bool)>>,
+    /// Every PUBREL received: (connection #, packet id).
+    rels: Vec<(usize, u16)>,
     /// Session Present of every reconnect after the first connection.
     resumed: Vec<bool>,
     errors: Vec<String>,
@@ -65,6 +70,9 @@ async fn run_subscriber(
                         continue;
                     };
                     let pid = p.pid.unwrap_or(0);
+                    let conn_no = log.lock().resumed.len();
+                    let fresh = p.qos != 2 || !awaiting_rel.contains(&pid);
+                    log.lock().trace.entry(n).or_default().push((conn_no, pid, p.dup, fresh));
                     let ok = match p.qos {
                         1 => {
                             *log.lock().got.entry(n).or_default() += 1;
@@ -87,6 +95,8 @@ async fn run_subscriber(
                 }
                 Ok(Some(Pkt::PubRel { pid })) => {
                     awaiting_rel.remove(&pid);
+                    let conn_no = log.lock().resumed.len();
+                    log.lock().rels.push((conn_no, pid));
                     if cl.send(&mqtt::pubcomp(pid)).await.is_err() {
                         break;
                     }
@@ -338,7 +348,7 @@ async fn qos2_exactly_once_across_failover() {
     let l2 = c.leader_among(&others, LEADER_WAIT).await;
     wait_count("50 PUBRECs after the failover", &acked, before + 50, RECONNECT_WAIT).await;
     stop_pub.store(true, Ordering::SeqCst);
-    let (published, resumed) = match pub_task.await {
+    let (published, resumed, pub_resends) = match pub_task.await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => panic!("publisher: {e}"),
         Err(e) => panic!("publisher task: {e}"),
@@ -361,7 +371,22 @@ async fn qos2_exactly_once_across_failover() {
     assert!(!l.resumed.is_empty(), "the subscriber was never disconnected by the failover");
     assert!(l.resumed.iter().all(|&p| p), "subscriber session present on every reconnect: {:?}", l.resumed);
     let twice: Vec<(u32, u32)> = l.got.iter().filter(|(_, &k)| k > 1).map(|(&n, &k)| (n, k)).collect();
-    assert!(twice.is_empty(), "QoS 2 messages delivered more than once (number, times): {twice:?}");
+    let detail: Vec<String> = twice
+        .iter()
+        .map(|(n, _)| {
+            let seen = l.trace.get(n).cloned().unwrap_or_default();
+            let pids: BTreeSet<u16> = seen.iter().map(|t| t.1).collect();
+            let rels: Vec<&(usize, u16)> = l.rels.iter().filter(|r| pids.contains(&r.1)).collect();
+            format!(
+                "{n}: received as (connection #, packet id, DUP, handed on) {seen:?}; PUBREL (connection #, packet id) for those ids: {rels:?}"
+            )
+        })
+        .collect();
+    assert!(
+        twice.is_empty(),
+        "QoS 2 messages delivered more than once (number, times): {twice:?}\n{}\npublisher resumes (number, phase): {pub_resends:?}",
+        detail.join("\n")
+    );
     let unknown: Vec<u32> = l.got.keys().copied().filter(|n| *n >= published).collect();
     assert!(unknown.is_empty(), "delivered numbers never published: {unknown:?}");
 }
@@ -379,7 +404,8 @@ async fn run_qos2_publisher(
     ep: Endpoints,
     acked: Arc<Mutex<BTreeSet<u32>>>,
     stop: Arc<AtomicBool>,
-) -> Result<(u32, Vec<bool>), String> {
+) -> Result<(u32, Vec<bool>, Vec<(u32, Phase)>), String> {
+    let mut resends = Vec::new();
     let mut conn = Conn::v5("pub-q2").persistent();
     let mut resumed = Vec::new();
     let mut next = 0u32;
@@ -396,6 +422,7 @@ async fn run_qos2_publisher(
         // Resume the outstanding exchange (MQTT 4.4: resend unacknowledged
         // PUBLISH with DUP, and PUBREL for what got a PUBREC).
         if let Some((n, p, phase)) = cur {
+            resends.push((n, phase));
             let r = match phase {
                 Phase::AwaitRec => {
                     cl.publish(&Pub::new("q/a", n.to_string().as_bytes(), 2, p).dup(true)).await
@@ -410,7 +437,7 @@ async fn run_qos2_publisher(
             if cur.is_none() {
                 if stop.load(Ordering::SeqCst) {
                     cl.disconnect().await;
-                    return Ok((next, resumed));
+                    return Ok((next, resumed, resends));
                 }
                 pid = if pid == u16::MAX { 1 } else { pid + 1 };
                 cur = Some((next, pid, Phase::AwaitRec));
