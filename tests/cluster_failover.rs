@@ -644,3 +644,187 @@ async fn closes(cl: &mut Client) -> bool {
         }
     }
 }
+
+// ---------------------------------------------------------------- (f)
+
+/// `raftmq ctl leader pin P` (sent to a follower, which forwards it) moves
+/// leadership to P; after P is killed another node leads; once P is back and
+/// caught up, leadership returns to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pinned_leader_takes_over_and_returns_after_restart() {
+    let mut c = Cluster::start(&Opts::three()).await;
+    let all = c.ids();
+    c.settled(&all, LEADER_WAIT).await;
+    let l = c.leader(LEADER_WAIT).await;
+    let p = all.iter().copied().find(|&i| i != l).unwrap_or(0);
+    let via = all.iter().copied().find(|&i| i != l && i != p).unwrap_or(0);
+    let (ok, out) = c.ctl_async(via, &["leader", "pin", &p.to_string()]).await;
+    assert!(ok, "raftmq ctl leader pin {p} (via node {via}): {out}");
+    c.wait_leader_is(p, LEADER_WAIT).await;
+
+    c.kill9(p);
+    let others: Vec<u64> = all.iter().copied().filter(|&i| i != p).collect();
+    let interim = c.leader_among(&others, LEADER_WAIT).await;
+    eprintln!("pinned {p}; killed it; interim leader {interim}");
+    c.restart(p).await;
+    c.wait_leader_is(p, Duration::from_secs(15)).await;
+    c.settled(&all, LEADER_WAIT).await;
+
+    let (ok, out) = c.ctl_async(interim, &["leader", "unpin"]).await;
+    assert!(ok, "raftmq ctl leader unpin: {out}");
+}
+
+// ---------------------------------------------------------------- (g)
+
+/// Under QoS 1 load to a persistent subscriber: `ctl add-node` brings a
+/// fourth node in (learner, catch-up, voter), `ctl remove-node` takes a
+/// follower out, and a failover afterwards needs the new node's vote. No
+/// PUBACKed message is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn add_and_remove_node_under_load() {
+    let mut c = Cluster::start(&Opts::three().joiners(1)).await;
+    c.settled(&[1, 2, 3], LEADER_WAIT).await;
+
+    let conn = Conn::v5("sub-q1").persistent();
+    let sub = subscriber(&c, &conn, "t/#", 1).await;
+    let log = Arc::new(Mutex::new(SubLog::default()));
+    let stop_sub = Arc::new(AtomicBool::new(false));
+    let sub_task = tokio::spawn(run_subscriber(c.ep(), sub, conn.clone(), log.clone(), stop_sub.clone()));
+    let acked = Arc::new(Mutex::new(BTreeSet::new()));
+    let stop_pub = Arc::new(AtomicBool::new(false));
+    let pub_task = tokio::spawn(run_qos1_publisher(c.ep(), "t/a".into(), 8, acked.clone(), stop_pub.clone()));
+    wait_count("50 PUBACKs", &acked, 50, STEP).await;
+
+    c.restart(4).await;
+    let n4 = (c.node(4).cluster.to_string(), c.node(4).mqtt.to_string(), c.node(4).admin.to_string());
+    let (ok, out) =
+        c.ctl_async(1, &["add-node", "4", "--cluster", &n4.0, "--mqtt", &n4.1, "--admin", &n4.2]).await;
+    assert!(ok, "raftmq ctl add-node 4: {out}");
+    c.settled(&[1, 2, 3, 4], Duration::from_secs(15)).await;
+    let n = acked.lock().len();
+    wait_count("50 PUBACKs after add-node", &acked, n + 50, STEP).await;
+
+    let l = c.leader(LEADER_WAIT).await;
+    let r = [1, 2, 3].into_iter().find(|&i| i != l).unwrap_or(0);
+    let (ok, out) = c.ctl_async(4, &["remove-node", &r.to_string()]).await;
+    assert!(ok, "raftmq ctl remove-node {r}: {out}");
+    c.kill9(r);
+    let voters: Vec<u64> = [1, 2, 3, 4].into_iter().filter(|&i| i != r).collect();
+    c.settled(&voters, LEADER_WAIT).await;
+    let n = acked.lock().len();
+    wait_count("50 PUBACKs after remove-node", &acked, n + 50, STEP).await;
+
+    // Voters now: l, 4 and one more; with l gone, 4's vote is needed.
+    let l = c.leader(LEADER_WAIT).await;
+    c.kill9(l);
+    let rest: Vec<u64> = voters.iter().copied().filter(|&i| i != l).collect();
+    let l2 = c.leader_among(&rest, LEADER_WAIT).await;
+    let n = acked.lock().len();
+    wait_count("50 PUBACKs after the failover", &acked, n + 50, RECONNECT_WAIT).await;
+    stop_pub.store(true, Ordering::SeqCst);
+    match pub_task.await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => panic!("publisher: {e}"),
+        Err(e) => panic!("publisher task: {e}"),
+    }
+    let acked: BTreeSet<u32> = acked.lock().clone();
+    eprintln!("acknowledged {}; removed {r}; leader {l} -> {l2}", acked.len());
+    wait_delivered(&acked, &log, RECONNECT_WAIT).await;
+    stop_sub.store(true, Ordering::SeqCst);
+    let _ = sub_task.await;
+    let l = log.lock();
+    assert!(l.errors.is_empty(), "subscriber errors: {:?}", l.errors);
+    assert!(l.resumed.iter().all(|&p| p), "session present on every reconnect: {:?}", l.resumed);
+}
+
+// ---------------------------------------------------------------- (h)
+
+/// A CA and node certificates (serverAuth + clientAuth, SAN 127.0.0.1) in PEM
+/// files under `dir`: `<prefix>ca.pem`, `<prefix>node-<id>.pem/.key`.
+fn make_pki(dir: &std::path::Path, prefix: &str, ids: &[u64]) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    };
+    let fail = |what: &str, e: &dyn std::fmt::Display| -> ! { panic!("{what}: {e}") };
+    let mut ca_params =
+        CertificateParams::new(Vec::<String>::new()).unwrap_or_else(|e| fail("ca params", &e));
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(DnType::CommonName, format!("{prefix}cluster CA"));
+    let ca_key = KeyPair::generate().unwrap_or_else(|e| fail("ca key", &e));
+    let ca = CertifiedIssuer::self_signed(ca_params, ca_key).unwrap_or_else(|e| fail("ca cert", &e));
+    let write = |name: String, text: String| {
+        std::fs::write(dir.join(&name), text).unwrap_or_else(|e| fail(&name, &e));
+    };
+    write(format!("{prefix}ca.pem"), ca.pem());
+    for id in ids {
+        let key = KeyPair::generate().unwrap_or_else(|e| fail("key", &e));
+        let mut params = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+            .unwrap_or_else(|e| fail("params", &e));
+        params.distinguished_name.push(DnType::CommonName, format!("node-{id}"));
+        params.extended_key_usages =
+            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params.signed_by(&key, &ca).unwrap_or_else(|e| fail("cert", &e));
+        write(format!("{prefix}node-{id}.pem"), cert.pem());
+        write(format!("{prefix}node-{id}.key"), key.serialize_pem());
+    }
+}
+
+/// Mutual TLS between real node processes: a node whose certificate comes
+/// from another CA is refused (it never gets an entry, never learns the
+/// leader) while the two others form the cluster and serve; given a proper
+/// certificate it joins and catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_with_wrong_tls_identity_is_refused() {
+    let pki = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    make_pki(pki.path(), "", &[1, 2, 3]);
+    make_pki(pki.path(), "rogue-", &[3]);
+    // Node 3's files: a certificate of the rogue CA, under the name it uses.
+    let cert3 = pki.path().join("node-3-in-use.pem");
+    let key3 = pki.path().join("node-3-in-use.key");
+    let copy = |from: &str, to: &std::path::Path| {
+        std::fs::copy(pki.path().join(from), to).unwrap_or_else(|e| panic!("copy {from}: {e}"));
+    };
+    copy("rogue-node-3.pem", &cert3);
+    copy("rogue-node-3.key", &key3);
+    let tls = |id: u64| {
+        let p = |n: &str| format!("{:?}", pki.path().join(n).display().to_string());
+        let (cert, key) = if id == 3 {
+            (p("node-3-in-use.pem"), p("node-3-in-use.key"))
+        } else {
+            (p(&format!("node-{id}.pem")), p(&format!("node-{id}.key")))
+        };
+        format!("[cluster.tls]\nca_file = {}\ncert_file = {cert}\nkey_file = {key}\n", p("ca.pem"))
+    };
+    let opts = Opts::three().extra(1, &tls(1)).extra(2, &tls(2)).extra(3, &tls(3));
+    let mut c = Cluster::start(&opts).await;
+    c.settled(&[1, 2], LEADER_WAIT).await;
+    let (mut cl, _, _) =
+        c.connect_leader(&Conn::v5("tls-writer"), RECONNECT_WAIT).await.unwrap_or_else(|e| panic!("{e}"));
+    for i in 0..20u16 {
+        let p = Pub::new(&format!("s/{i}"), b"x", 1, i + 1).retain(true);
+        cl.publish_acked(&p, STEP).await.unwrap_or_else(|e| panic!("publish {i}: {e}"));
+    }
+    cl.disconnect().await;
+    // Watch node 3 for a second: it never learns the leader nor gets an entry.
+    let until = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < until {
+        match c.health(3).await {
+            Some((code, Some(s))) => {
+                assert_ne!(code, 200, "the node with a rogue certificate serves");
+                assert!(
+                    s.leader_id.is_none() && s.applied_index == 0,
+                    "the node with a rogue certificate joined: {s:?}"
+                );
+            }
+            other => panic!("node 3 health: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // With a certificate of the cluster CA it joins and catches up.
+    c.kill9(3);
+    copy("node-3.pem", &cert3);
+    copy("node-3.key", &key3);
+    c.restart(3).await;
+    c.settled(&[1, 2, 3], Duration::from_secs(10)).await;
+}

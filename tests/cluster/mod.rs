@@ -48,11 +48,17 @@ pub struct Opts {
     pub cluster: Vec<String>,
     /// Extra `key = value` lines of the [mqtt] section.
     pub mqtt: Vec<String>,
+    /// Nodes beyond `nodes` (ids nodes+1..): configured with `join = true`
+    /// and absent from the others' static list, to be added at run time.
+    pub joiners: u64,
+    /// Extra TOML appended to one node's file (after every other table):
+    /// (node id, text).
+    pub extra: Vec<(u64, String)>,
 }
 
 impl Opts {
     pub fn three() -> Opts {
-        Opts { nodes: 3, cluster: vec![], mqtt: vec![] }
+        Opts { nodes: 3, cluster: vec![], mqtt: vec![], joiners: 0, extra: vec![] }
     }
     pub fn cluster(mut self, line: &str) -> Opts {
         self.cluster.push(line.into());
@@ -60,6 +66,14 @@ impl Opts {
     }
     pub fn mqtt(mut self, line: &str) -> Opts {
         self.mqtt.push(line.into());
+        self
+    }
+    pub fn joiners(mut self, n: u64) -> Opts {
+        self.joiners = n;
+        self
+    }
+    pub fn extra(mut self, id: u64, text: &str) -> Opts {
+        self.extra.push((id, text.into()));
         self
     }
 }
@@ -119,10 +133,11 @@ impl Cluster {
             Ok(d) => d,
             Err(e) => panic!("tempdir: {e}"),
         };
-        let ports = free_ports(3 * opts.nodes as usize);
+        let total = opts.nodes + opts.joiners;
+        let ports = free_ports(3 * total as usize);
         let addr = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
         let mut nodes = Vec::new();
-        for i in 0..opts.nodes as usize {
+        for i in 0..total as usize {
             let id = i as u64 + 1;
             let node_dir = dir.path().join(format!("node-{id}"));
             if let Err(e) = std::fs::create_dir_all(&node_dir) {
@@ -139,13 +154,14 @@ impl Cluster {
                 child: None,
             });
         }
-        let mut list = String::new();
-        for n in &nodes {
-            list.push_str(&format!(
-                "\n[[cluster.nodes]]\nid = {}\ncluster_addr = \"{}\"\nmqtt_addr = \"{}\"\nadmin_addr = \"{}\"\n",
+        let entry = |n: &Node| {
+            format!(
+                "  {{ id = {}, cluster_addr = \"{}\", mqtt_addr = \"{}\", admin_addr = \"{}\" }},\n",
                 n.id, n.cluster, n.mqtt, n.admin
-            ));
-        }
+            )
+        };
+        let initial: String = nodes.iter().filter(|n| n.id <= opts.nodes).map(entry).collect();
+        let full: String = nodes.iter().map(entry).collect();
         for n in &nodes {
             let mut t = format!(
                 "node_id = {}\ndata_dir = {}\n\n[mqtt]\n",
@@ -166,12 +182,81 @@ impl Cluster {
                 t.push_str(l);
                 t.push('\n');
             }
-            t.push_str(&list);
+            if n.id > opts.nodes {
+                t.push_str(&format!("join = true\nnodes = [\n{full}]\n"));
+            } else {
+                t.push_str(&format!("nodes = [\n{initial}]\n"));
+            }
+            for (id, text) in &opts.extra {
+                if *id == n.id {
+                    t.push('\n');
+                    t.push_str(text);
+                    t.push('\n');
+                }
+            }
             if let Err(e) = std::fs::write(&n.config, t) {
                 panic!("write {}: {e}", n.config.display());
             }
         }
         Cluster { dir, nodes }
+    }
+
+    /// Runs `raftmq ctl --url http://ADMIN-of-`via` ARGS...`: (success, stdout + stderr).
+    pub fn ctl(&self, via: u64, args: &[&str]) -> (bool, String) {
+        let url = format!("http://{}", self.node(via).admin);
+        let out = Command::new(env!("CARGO_BIN_EXE_raftmq"))
+            .arg("ctl")
+            .arg("--url")
+            .arg(&url)
+            .args(args)
+            .stdin(Stdio::null())
+            .output();
+        match out {
+            Ok(o) => (
+                o.status.success(),
+                format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)),
+            ),
+            Err(e) => (false, format!("spawn raftmq ctl: {e}")),
+        }
+    }
+
+    /// [`Cluster::ctl`] without blocking the runtime (the command may wait for
+    /// a catch-up or a leader change).
+    pub async fn ctl_async(&self, via: u64, args: &[&str]) -> (bool, String) {
+        let url = format!("http://{}", self.node(via).admin);
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_raftmq"))
+            .arg("ctl")
+            .arg("--url")
+            .arg(&url)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .await;
+        match out {
+            Ok(o) => (
+                o.status.success(),
+                format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)),
+            ),
+            Err(e) => (false, format!("spawn raftmq ctl: {e}")),
+        }
+    }
+
+    /// Waits until node `id` is the one serving leader.
+    pub async fn wait_leader_is(&self, id: u64, timeout: Duration) {
+        let ep = self.ep();
+        wait_for(&format!("node {id} to be the serving leader"), timeout, || {
+            let ep = ep.clone();
+            async move {
+                let mut serving = Vec::new();
+                for &(n, _, _) in &ep.nodes {
+                    if let Some((200, _)) = ep.health(n).await {
+                        serving.push(n);
+                    }
+                }
+                (serving == [id]).then_some(())
+            }
+        })
+        .await;
     }
 
     /// Writes the configuration and starts every node (1..=N), waiting until
@@ -181,6 +266,7 @@ impl Cluster {
         for id in 1..=opts.nodes {
             c.spawn(id);
         }
+        // Joiners are started by the test (Cluster::restart), not here.
         for id in 1..=opts.nodes {
             c.wait_live(id).await;
         }
