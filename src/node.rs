@@ -58,11 +58,13 @@ pub enum NodeError {
     Signal(std::io::Error),
 }
 
-/// Logs to stderr; the filter comes from `RAFTMQ_LOG` (or `RUST_LOG`), default `info`.
+/// Logs to stderr; the filter comes from `RAFTMQ_LOG` (or `RUST_LOG`), default
+/// `info,openraft=error` (openraft warns on every failed heartbeat to a node
+/// that is down: 20 lines a second per peer).
 pub fn init_logging() {
     let filter = std::env::var("RAFTMQ_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
-        .unwrap_or_else(|_| "info".to_string());
+        .unwrap_or_else(|_| "info,openraft=error".to_string());
     let filter = tracing_subscriber::EnvFilter::try_new(&filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // A second initialisation (tests) is harmless: keep the first subscriber.
@@ -349,5 +351,185 @@ fn render_raft_metrics(raft: &RaftNode, serving: bool, out: &mut String) {
     ];
     for (name, kind, help, value) in rows {
         let _ = writeln!(out, "# HELP {name} {help}.\n# TYPE {name} {kind}\n{name} {value}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Three in-process nodes: the serving rules when leadership moves.
+
+    use super::*;
+    use crate::admin::AdminConfig;
+    use crate::listener::ListenerConfig;
+    use crate::protocol::{
+        self, reason, Connect, ConnectProperties, Packet, ProtocolVersion, ProtocolVersionOrDefault,
+    };
+    use bytes::BytesMut;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    fn port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    }
+
+    async fn start_three(dir: &std::path::Path) -> Vec<Node> {
+        let ports: Vec<(u16, u16, u16)> = (0..3).map(|_| (port(), port(), port())).collect();
+        let infos: Vec<NodeInfo> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (m, a, c))| NodeInfo {
+                id: i as u64 + 1,
+                cluster_addr: format!("127.0.0.1:{c}"),
+                mqtt_addr: format!("127.0.0.1:{m}"),
+                admin_addr: format!("127.0.0.1:{a}"),
+            })
+            .collect();
+        let mut nodes = Vec::new();
+        for (i, (m, a, c)) in ports.iter().enumerate() {
+            let config = Config {
+                node_id: i as u64 + 1,
+                data_dir: dir.join(format!("node-{}", i + 1)),
+                listeners: vec![ListenerConfig {
+                    bind: format!("127.0.0.1:{m}").parse().unwrap(),
+                    ..Default::default()
+                }],
+                admin: AdminConfig { listen: format!("127.0.0.1:{a}").parse().unwrap(), token: None },
+                cluster: ClusterConfig {
+                    node_id: i as u64 + 1,
+                    listen: format!("127.0.0.1:{c}"),
+                    nodes: infos.clone(),
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            nodes.push(Node::start(config).await.unwrap());
+        }
+        nodes
+    }
+
+    async fn leader_of(nodes: &[Node]) -> usize {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let serving: Vec<usize> = (0..nodes.len()).filter(|&i| nodes[i].broker().is_serving()).collect();
+            if serving.len() == 1 {
+                return serving[0];
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no single serving leader");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    struct Client {
+        s: TcpStream,
+        buf: BytesMut,
+    }
+
+    impl Client {
+        async fn connect(addr: SocketAddr, clean_start: bool) -> (Client, Packet) {
+            let s = TcpStream::connect(addr).await.unwrap();
+            let mut c = Client { s, buf: BytesMut::new() };
+            let connect = Packet::Connect(Connect {
+                protocol: ProtocolVersionOrDefault(ProtocolVersion::V5),
+                clean_start,
+                keep_alive: 60,
+                client_id: "mover".into(),
+                properties: ConnectProperties { session_expiry_interval: Some(600), ..Default::default() },
+                ..Default::default()
+            });
+            let mut out = BytesMut::new();
+            protocol::encode(&connect, ProtocolVersion::V5, &mut out).unwrap();
+            c.s.write_all(&out).await.unwrap();
+            let p = c.recv().await.expect("CONNACK");
+            (c, p)
+        }
+
+        async fn recv(&mut self) -> Option<Packet> {
+            loop {
+                if let Ok(Some(p)) = protocol::decode(&mut self.buf, Some(ProtocolVersion::V5), 1 << 20) {
+                    return Some(p);
+                }
+                let read =
+                    tokio::time::timeout(Duration::from_secs(10), self.s.read_buf(&mut self.buf)).await;
+                match read {
+                    Ok(Ok(n)) if n > 0 => {}
+                    _ => return None,
+                }
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_leader_that_hands_over_disconnects_with_use_another_server() {
+        let dir = tempfile::tempdir().unwrap();
+        let nodes = start_three(dir.path()).await;
+        let l = leader_of(&nodes).await;
+        let (mut c, ack) = Client::connect(nodes[l].mqtt_addrs()[0], true).await;
+        assert!(matches!(ack, Packet::ConnAck(ref a) if a.reason_code == 0), "{ack:?}");
+
+        let to = (l + 1) % 3;
+        nodes[l].raft().transfer_leader(to as u64 + 1).await.unwrap();
+        match c.recv().await {
+            Some(Packet::Disconnect(d)) => {
+                assert_eq!(d.reason_code, reason::USE_ANOTHER_SERVER);
+                // The reference is the new leader once this node knows it.
+                if let Some(r) = &d.server_reference {
+                    assert_eq!(r, &nodes[to].mqtt_addrs()[0].to_string());
+                }
+            }
+            other => panic!("expected DISCONNECT 0x9C, got {other:?}"),
+        }
+        assert!(c.recv().await.is_none(), "closed after DISCONNECT");
+        let l2 = leader_of(&nodes).await;
+        assert_eq!(l2, to);
+        // The old leader now refers new clients to the new one (once it has
+        // heard from it: until then it refuses without a reference).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, ack) = Client::connect(nodes[l].mqtt_addrs()[0], false).await;
+            let Packet::ConnAck(a) = ack else { panic!("{ack:?}") };
+            assert_eq!(a.reason_code, reason::USE_ANOTHER_SERVER);
+            if let Some(r) = a.properties.server_reference {
+                assert_eq!(r, nodes[to].mqtt_addrs()[0].to_string());
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "the old leader never learnt the new one");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // The session moved with the leadership: it is present on the new leader.
+        let (_, ack) = Client::connect(nodes[to].mqtt_addrs()[0], false).await;
+        assert!(matches!(ack, Packet::ConnAck(ref a) if a.reason_code == 0 && a.session_present), "{ack:?}");
+        for n in nodes {
+            n.stop().await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_leader_without_quorum_stops_serving_and_disconnects() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut nodes = start_three(dir.path()).await;
+        let l = leader_of(&nodes).await;
+        let (mut c, ack) = Client::connect(nodes[l].mqtt_addrs()[0], true).await;
+        assert!(matches!(ack, Packet::ConnAck(ref a) if a.reason_code == 0), "{ack:?}");
+        let leader = nodes.remove(l);
+        for n in nodes {
+            n.stop().await;
+        }
+        // Within an election timeout or so the cut-off leader closes its clients.
+        let started = std::time::Instant::now();
+        match c.recv().await {
+            Some(Packet::Disconnect(d)) => assert_eq!(d.reason_code, reason::USE_ANOTHER_SERVER),
+            other => panic!("expected DISCONNECT 0x9C, got {other:?}"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
+        assert!(!leader.broker().is_serving());
+        let status = RaftView { raft: leader.raft().clone(), broker: leader.broker().clone() }.node_status();
+        assert!(!status.serving && !status.ready, "{status:?}");
+        // And refuses new ones.
+        let (_, ack) = Client::connect(leader.mqtt_addrs()[0], true).await;
+        assert!(
+            matches!(ack, Packet::ConnAck(ref a) if a.reason_code == reason::USE_ANOTHER_SERVER),
+            "{ack:?}"
+        );
+        leader.stop().await;
     }
 }

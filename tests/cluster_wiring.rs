@@ -11,6 +11,7 @@
 //! The MQTT client here is a few lines over the crate's own codec (blocking
 //! sockets with timeouts). Every wait is on a condition with a deadline.
 
+use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -195,9 +196,15 @@ impl Client {
 
     /// Receives QoS 1 messages (acknowledging each) until `n` distinct
     /// payloads arrived or nothing comes for the read timeout.
-    fn collect(&mut self, n: usize) -> std::collections::BTreeSet<String> {
-        let mut got = std::collections::BTreeSet::new();
-        while got.len() < n {
+    fn collect(&mut self, n: usize) -> BTreeSet<String> {
+        self.collect_until(|got| got.len() >= n)
+    }
+
+    /// Receives QoS 1 messages (acknowledging each) until `done` or nothing
+    /// comes for the read timeout.
+    fn collect_until(&mut self, done: impl Fn(&BTreeSet<String>) -> bool) -> BTreeSet<String> {
+        let mut got = BTreeSet::new();
+        while !done(&got) {
             match self.recv() {
                 Some(Packet::Publish(p)) => {
                     if let Some(id) = p.packet_id {
@@ -365,8 +372,11 @@ fn three_nodes_one_leader_followers_redirect_and_failover_keeps_acked_messages()
 
     // A follower refuses CONNECT: MQTT 5 0x9C + Server Reference, 3.1.1 code 3.
     let f = followers[0];
-    let (mut c, ack) = Client::connect(addrs[f].mqtt, v5("lost-5", 0));
-    assert_eq!(ack.reason_code, reason::USE_ANOTHER_SERVER);
+    let (mut c, ack) = wait_until("a follower's CONNACK with a Server Reference", DEADLINE, || {
+        let (c, ack) = Client::connect(addrs[f].mqtt, v5("lost-5", 0));
+        assert_eq!(ack.reason_code, reason::USE_ANOTHER_SERVER);
+        ack.properties.server_reference.is_some().then_some((c, ack))
+    });
     assert_eq!(ack.properties.server_reference, Some(addrs[leader].mqtt.to_string()));
     assert!(c.closed(), "the follower closes after CONNACK");
     let (mut c, ack) = Client::connect(addrs[f].mqtt, v311("lost-3", true));
@@ -377,9 +387,13 @@ fn three_nodes_one_leader_followers_redirect_and_failover_keeps_acked_messages()
     let (mut sub, _) = connected(addrs[leader].mqtt, v311("durable-sub", false));
     sub.subscribe("fo/#");
     sub.disconnect();
+    // And one that stays online on the leader until it dies.
+    let (mut live, _) = connected(addrs[leader].mqtt, v5("live-sub", 600));
+    live.subscribe("fo/#");
+    let live_before = std::thread::spawn(move || live.collect(usize::MAX));
     let (mut publ, _) = connected(addrs[leader].mqtt, v311("fo-pub", true));
     const N: u16 = 40;
-    let mut acked = std::collections::BTreeSet::new();
+    let mut acked = BTreeSet::new();
     for i in 1..=N {
         let payload = format!("m{i:03}");
         assert!(publ.publish(i, &format!("fo/{i}"), &payload, false), "PUBACK {i}");
@@ -412,6 +426,20 @@ fn three_nodes_one_leader_followers_redirect_and_failover_keeps_acked_messages()
     let got = sub.collect(acked.len());
     let missing: Vec<_> = acked.difference(&got).collect();
     assert!(missing.is_empty(), "lost after failover: {missing:?}");
+    // The online one: what it got before the kill plus what the new leader
+    // resends (the unacknowledged rest, again) covers every PUBACKed message.
+    let before = live_before.join().unwrap();
+    let (mut live, present) = connected(addrs[new_leader].mqtt, v5("live-sub", 600));
+    assert!(present, "the online session is on the new leader too");
+    let after = live.collect_until(|got| acked.iter().all(|m| before.contains(m) || got.contains(m)));
+    let seen: BTreeSet<String> = before.union(&after).cloned().collect();
+    let missing: Vec<_> = acked.difference(&seen).collect();
+    assert!(
+        missing.is_empty(),
+        "live subscriber lost: {missing:?} (before {}, after {})",
+        before.len(),
+        after.len()
+    );
     let (mut reader, _) = connected(addrs[new_leader].mqtt, v311("fo-reader", true));
     reader.subscribe("fo-retained");
     assert!(
@@ -420,22 +448,12 @@ fn three_nodes_one_leader_followers_redirect_and_failover_keeps_acked_messages()
     );
     // The remaining follower refers clients to the new leader.
     let other = followers.iter().copied().find(|&i| i != new_leader).unwrap();
-    let (_, ack) = wait_until("the follower to know the new leader", DEADLINE, || {
-        let (c, ack) = Client::connect(addrs[other].mqtt, v5("lost-5b", 0));
-        (ack.server_reference_is(&addrs[new_leader].mqtt)).then_some((c, ack))
+    wait_until("the follower to refer to the new leader", DEADLINE, || {
+        let (_, ack) = Client::connect(addrs[other].mqtt, v5("lost-5b", 0));
+        assert_eq!(ack.reason_code, reason::USE_ANOTHER_SERVER);
+        (ack.properties.server_reference == Some(addrs[new_leader].mqtt.to_string())).then_some(())
     });
-    assert_eq!(ack.reason_code, reason::USE_ANOTHER_SERVER);
     for p in &procs {
         assert!(!p.log().contains("panicked"), "{}", p.log());
-    }
-}
-
-trait ServerRef {
-    fn server_reference_is(&self, addr: &SocketAddr) -> bool;
-}
-
-impl ServerRef for ConnAck {
-    fn server_reference_is(&self, addr: &SocketAddr) -> bool {
-        self.properties.server_reference.as_deref() == Some(addr.to_string().as_str())
     }
 }

@@ -31,6 +31,8 @@ use super::router::Router;
 use super::session::flag;
 use super::Inner;
 
+/// Pause before taking over again after a failed ResetConnections.
+const RETRY: Duration = Duration::from_millis(200);
 /// How long stepping down waits for the connections to close.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -137,9 +139,10 @@ pub(crate) async fn run(weak: Weak<Inner>, raft: RaftNode) {
             return;
         }
         if !become_serving(&inner).await {
-            // Leadership went while taking over: start again from the metrics.
+            // Leadership went (or the reset did not commit in time): start
+            // again from the metrics, retrying shortly even if they stay the same.
             drop(inner);
-            if rx.changed().await.is_err() {
+            if let Ok(Err(_)) = tokio::time::timeout(RETRY, rx.changed()).await {
                 return;
             }
             continue;
