@@ -50,6 +50,11 @@ pub enum LocalClusterError {
     Ports(u16),
     #[error("cannot write {path}: {source}")]
     Write { path: PathBuf, source: std::io::Error },
+    #[error(
+        "{path} holds a cluster with another layout (its nodes keep their addresses in their data): \
+         use the same --nodes and --base-port as before, or another --dir"
+    )]
+    OtherLayout { path: PathBuf },
     #[error("cannot find this program to start the nodes: {0}")]
     Exe(std::io::Error),
     #[error("cannot start node {id}: {source}")]
@@ -124,8 +129,16 @@ pub fn config_text(node: &NodePlan, all: &[NodePlan]) -> String {
     t
 }
 
-/// Creates the folders and writes every node's configuration.
+/// Creates the folders and writes every node's configuration. A folder used
+/// before keeps its data, so it must be for the same layout.
 pub fn write_configs(nodes: &[NodePlan]) -> Result<(), LocalClusterError> {
+    for n in nodes {
+        if let Ok(old) = std::fs::read_to_string(&n.config) {
+            if old != config_text(n, nodes) {
+                return Err(LocalClusterError::OtherLayout { path: n.dir.clone() });
+            }
+        }
+    }
     for n in nodes {
         std::fs::create_dir_all(&n.dir)
             .map_err(|source| LocalClusterError::Write { path: n.dir.clone(), source })?;
@@ -324,6 +337,11 @@ mod tests {
         assert_eq!(cfg.cluster.nodes[0].mqtt_addr, "127.0.0.1:30000");
         assert!(!cfg.cluster.join);
         cfg.cluster.validate().unwrap();
+
+        // Same layout again: fine (a restart of the demo keeps its data); another: refused.
+        write_configs(&nodes).unwrap();
+        let other = plan(3, &dir.path().join("with \"quote"), 30010).unwrap();
+        assert!(matches!(write_configs(&other), Err(LocalClusterError::OtherLayout { .. })));
     }
 
     #[test]

@@ -157,14 +157,15 @@ impl Node {
         );
 
         let view = Arc::new(RaftView { raft: raft.clone(), broker: broker.clone() });
-        let admin = match AdminServer::bind(&config.admin, view).await {
-            Ok(admin) => admin,
-            Err(e) => {
-                broker.shutdown().await;
-                let _ = raft.shutdown().await;
-                return Err(e.into());
-            }
-        };
+        let admin =
+            match AdminServer::bind_with_cluster(&config.admin, view, Some(Arc::new(raft.clone()))).await {
+                Ok(admin) => admin,
+                Err(e) => {
+                    broker.shutdown().await;
+                    let _ = raft.shutdown().await;
+                    return Err(e.into());
+                }
+            };
         let admin_addr = admin.local_addr();
 
         let shutdown = CancellationToken::new();

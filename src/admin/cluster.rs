@@ -522,6 +522,8 @@ async fn transfer_leader(
             ));
         }
         if req.node_id != m.node_id {
+            crate::raft::pin::ready_to_lead(&m, &raft.members(), req.node_id)
+                .map_err(|e| err(StatusCode::CONFLICT, format!("{e}: not transferring (try again later)")))?;
             tracing::info!(to = req.node_id, "leader transfer requested");
             raft.transfer_leader(req.node_id).await?;
             raft.wait_for(TRANSFER_TIMEOUT, |m| m.leader == Some(req.node_id)).await?;

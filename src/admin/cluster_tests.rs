@@ -325,6 +325,11 @@ async fn add_node_joins_as_learner_then_votes_and_remove_node() {
     // Adding a voter again is a conflict.
     assert!(matches!(c.ctl(follower, add(false)).await, Err(CtlError::Api { status: 409, .. })));
 
+    // Make the new node the leader, then remove it: the leader removes itself
+    // and another node takes over.
+    c.raft(4).wait_for(DEADLINE, |m| m.commit_index == m.last_log_index).await.unwrap();
+    c.ctl(follower, CtlCommand::Leader(LeaderCommand::Transfer { id: 4 })).await.unwrap();
+    assert_eq!(c.leader(|l| l == 4).await, 4);
     let out = c.ctl(follower, CtlCommand::RemoveNode { id: 4 }).await.unwrap();
     assert!(out.starts_with("node 4 removed"), "{out}");
     let m = c
@@ -333,7 +338,11 @@ async fn add_node_joins_as_learner_then_votes_and_remove_node() {
         .await
         .unwrap();
     assert_eq!(m.voters.len(), 3);
-    assert!(c.cluster_json(follower).await.nodes.iter().all(|n| n.id != 4));
+    let leader =
+        c.raft(follower).wait_for(DEADLINE, |m| m.leader.is_some_and(|l| l != 4)).await.unwrap().leader;
+    assert!(leader.is_some_and(|l| l <= 3));
+    let info = c.cluster_json(follower).await;
+    assert!(info.nodes.iter().all(|n| n.id != 4), "{info:?}");
     for id in 1..=4 {
         c.stop(id).await;
     }

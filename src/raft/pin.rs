@@ -128,6 +128,27 @@ impl RaftNode {
     }
 }
 
+/// Whether `id` can take over leadership from the leader described by `m`
+/// now: a voter, caught up within [`PIN_MAX_LAG`] entries and heard from
+/// within [`PIN_MAX_SILENCE`]. A transfer to a node that cannot take over
+/// would cost an election (the leader stops writing while it transfers).
+pub fn ready_to_lead(m: &NodeMetrics, members: &[MemberProgress], id: NodeId) -> Result<(), String> {
+    let Some(target) = members.iter().find(|p| p.id == id) else {
+        return Err(format!("node {id} is not a member"));
+    };
+    if !target.voter {
+        return Err(format!("node {id} is a learner; only a voter can lead"));
+    }
+    let last = m.last_log_index.unwrap_or(0);
+    if target.matched.is_none_or(|i| i.saturating_add(PIN_MAX_LAG) < last) {
+        return Err(format!("node {id} has not caught up with the leader's log"));
+    }
+    if target.last_ack.is_none_or(|d| d > PIN_MAX_SILENCE) {
+        return Err(format!("node {id} has not answered the leader within {PIN_MAX_SILENCE:?}"));
+    }
+    Ok(())
+}
+
 /// Whether the leader described by `m` should hand leadership to `pinned` now.
 pub fn should_transfer(
     m: &NodeMetrics,
@@ -138,11 +159,7 @@ pub fn should_transfer(
     if m.role != Role::Leader || pinned == m.node_id || m.leader != Some(m.node_id) {
         return None;
     }
-    let target = members.iter().find(|p| p.id == pinned && p.voter)?;
-    let last = m.last_log_index.unwrap_or(0);
-    let caught_up = target.matched.is_some_and(|i| i.saturating_add(PIN_MAX_LAG) >= last);
-    let alive = target.last_ack.is_some_and(|d| d <= PIN_MAX_SILENCE);
-    (caught_up && alive).then_some(pinned)
+    ready_to_lead(m, members, pinned).is_ok().then_some(pinned)
 }
 
 /// Runs the pin check until `stop` turns true (or the node shuts down).
@@ -236,5 +253,10 @@ mod tests {
         let learner = [member(3, false, Some(1000), Some(10))];
         assert_eq!(should_transfer(&leader, Some(3), &learner), None);
         assert_eq!(should_transfer(&leader, Some(4), &healthy), None);
+        assert!(ready_to_lead(&leader, &healthy, 3).is_ok());
+        assert!(ready_to_lead(&leader, &lagging, 3).unwrap_err().contains("caught up"));
+        assert!(ready_to_lead(&leader, &silent, 3).unwrap_err().contains("answered"));
+        assert!(ready_to_lead(&leader, &learner, 3).unwrap_err().contains("learner"));
+        assert!(ready_to_lead(&leader, &healthy, 4).unwrap_err().contains("not a member"));
     }
 }
