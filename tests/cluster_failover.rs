@@ -41,6 +41,9 @@ struct SubLog {
     /// Session Present of every reconnect after the first connection.
     resumed: Vec<bool>,
     errors: Vec<String>,
+    /// When set, the next PUBREL received is signalled here (after the
+    /// PUBCOMP is sent), so a test can kill the leader at that moment.
+    on_pubrel: Option<Arc<tokio::sync::Notify>>,
 }
 
 /// A persistent subscriber that acknowledges everything (QoS 1: PUBACK; QoS 2:
@@ -99,6 +102,9 @@ async fn run_subscriber(
                     log.lock().rels.push((conn_no, pid));
                     if cl.send(&mqtt::pubcomp(pid)).await.is_err() {
                         break;
+                    }
+                    if let Some(n) = log.lock().on_pubrel.take() {
+                        n.notify_one();
                     }
                 }
                 Ok(Some(Pkt::Disconnect { .. })) | Err(_) => break,
@@ -342,6 +348,15 @@ async fn qos2_exactly_once_across_failover() {
     let pub_task = tokio::spawn(run_qos2_publisher(c.ep(), acked.clone(), stop_pub.clone()));
 
     wait_count("50 PUBRECs before the kill", &acked, 50, STEP).await;
+    // Kill the leader right after it completed a delivery to the subscriber
+    // (PUBREC, PUBREL, PUBCOMP): the moment where the subscriber's QoS 2
+    // state matters most. MQTT 4.3.3: once the server sent PUBREL it must
+    // never send that PUBLISH again.
+    let rel = Arc::new(tokio::sync::Notify::new());
+    log.lock().on_pubrel = Some(rel.clone());
+    if tokio::time::timeout(STEP, rel.notified()).await.is_err() {
+        panic!("no PUBREL reached the subscriber within {STEP:?}");
+    }
     c.kill9(l1);
     let before = acked.lock().len();
     let others: Vec<u64> = c.ids().into_iter().filter(|&i| i != l1).collect();
