@@ -369,12 +369,13 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
 
-    fn port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-    }
-
     async fn start_three(dir: &std::path::Path) -> Vec<Node> {
-        let ports: Vec<(u16, u16, u16)> = (0..3).map(|_| (port(), port(), port())).collect();
+        // Held until all are chosen: no port twice.
+        let held: Vec<std::net::TcpListener> =
+            (0..9).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+        let p: Vec<u16> = held.iter().map(|l| l.local_addr().unwrap().port()).collect();
+        drop(held);
+        let ports: Vec<(u16, u16, u16)> = (0..3).map(|i| (p[3 * i], p[3 * i + 1], p[3 * i + 2])).collect();
         let infos: Vec<NodeInfo> = ports
             .iter()
             .enumerate()

@@ -26,8 +26,12 @@ use raftmq::protocol::{
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+/// `n` distinct free loopback ports (all held until all are chosen, so no
+/// port is handed out twice).
+fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<std::net::TcpListener> =
+        (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    held.iter().map(|l| l.local_addr().unwrap().port()).collect()
 }
 
 // ---------------------------------------------------------------- processes
@@ -66,6 +70,9 @@ impl Proc {
 impl Drop for Proc {
     fn drop(&mut self) {
         self.kill9();
+        if std::thread::panicking() {
+            eprintln!("---- {}:\n{}", self.log.display(), self.log());
+        }
     }
 }
 
@@ -243,8 +250,9 @@ fn connected(addr: SocketAddr, o: Opts) -> (Client, bool) {
 #[test]
 fn single_node_restart_keeps_persistent_session_queue_and_retained() {
     let dir = tempfile::tempdir().unwrap();
-    let mqtt: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let ports = free_ports(2);
+    let mqtt: SocketAddr = format!("127.0.0.1:{}", ports[0]).parse().unwrap();
+    let admin: SocketAddr = format!("127.0.0.1:{}", ports[1]).parse().unwrap();
     let (m, a) = (mqtt.to_string(), admin.to_string());
     let args = ["serve", "--mqtt-listen", &m, "--admin-listen", &a, "--data-dir", "data"];
     let mut node = Proc::start(&args, dir.path(), "single-1");
@@ -291,7 +299,8 @@ struct NodeAddrs {
 }
 
 fn write_cluster(dir: &Path) -> Vec<(PathBuf, NodeAddrs)> {
-    let ports: Vec<(u16, u16, u16)> = (0..3).map(|_| (free_port(), free_port(), free_port())).collect();
+    let p = free_ports(9);
+    let ports: Vec<(u16, u16, u16)> = (0..3).map(|i| (p[3 * i], p[3 * i + 1], p[3 * i + 2])).collect();
     let nodes: Vec<String> = ports
         .iter()
         .enumerate()
