@@ -27,10 +27,12 @@ fn port_free(p: u32) -> bool {
     u16::try_from(p).is_ok_and(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
 }
 
-/// A base port P whose MQTT, admin and cluster ports for `n` nodes are free.
+/// A base port P whose MQTT, admin and cluster ports for `n` nodes are free,
+/// below the ephemeral range (so no outgoing connection takes one of them
+/// before the nodes bind) and away from local-cluster's default ports.
 fn free_base(n: u32) -> u16 {
     for _ in 0..200 {
-        let base: u32 = rand::random_range(30_000..60_000);
+        let base: u32 = rand::random_range(23_000..32_000 - 200 - n);
         if (0..n).all(|i| port_free(base + i) && port_free(base + 100 + i) && port_free(base + 200 + i)) {
             return base as u16;
         }

@@ -19,8 +19,19 @@ use crate::state::{Limits, State};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
+/// A free port below the ephemeral range (so no outgoing connection takes it
+/// between now and the bind), never handed out twice in this process (tests
+/// run in parallel: two clusters sharing a port would talk to each other).
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let p: u16 = rand::random_range(23_000..32_000);
+        if !given.contains(&p) && std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            given.push(p);
+            return p;
+        }
+    }
 }
 
 /// What a clustered node reports on its health endpoints.
@@ -128,7 +139,17 @@ impl Cluster {
         let i = self.idx(id);
         let n = &mut self.nodes[i];
         let state = Arc::new(RwLock::new(State::new(Limits::default())));
-        let raft = Arc::new(RaftNode::start(&n.cfg, &n.dir, state, Box::new(|_| {})).await.unwrap());
+        // A restarted node's old cluster listener may take a moment to close.
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        let raft = loop {
+            match RaftNode::start(&n.cfg, &n.dir, state.clone(), Box::new(|_| {})).await {
+                Ok(r) => break Arc::new(r),
+                Err(raft::RaftError::Listen { .. }) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("start node {id}: {e}"),
+            }
+        };
         let cfg = AdminConfig { listen: n.info.admin_addr.parse().unwrap(), token: self.token.clone() };
         let view: Arc<dyn AdminView> = Arc::new(RaftView(raft.clone()));
         let server = AdminServer::bind_with_cluster(&cfg, view, Some(raft.clone())).await.unwrap();
@@ -228,8 +249,22 @@ async fn follower_forwards_and_leadership_moves_by_transfer_and_pin() {
     let leader = c.leader(|_| true).await;
     let follower = other(&ids, &[leader]);
 
-    // A follower's view comes from the leader: replication progress of everyone.
-    let info = c.cluster_json(follower).await;
+    // A follower's view comes from the leader: replication progress of everyone
+    // (once every node has the membership: until then openraft calls it a learner).
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let info = loop {
+        let info = c.cluster_json(follower).await;
+        let settled = info.nodes.iter().all(|n| {
+            n.reachable
+                && n.matched_index.is_some()
+                && matches!(n.role.as_deref(), Some("leader" | "follower"))
+        });
+        if settled {
+            break info;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not settled: {info:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(info.answered_by, leader);
     assert_eq!(info.leader_id, Some(leader));
     assert_eq!(info.nodes.len(), 3);

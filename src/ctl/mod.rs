@@ -4,7 +4,7 @@
 //! shown (tables by default, the API's JSON with `--json`). Requests that need
 //! the leader go to whichever node `--url` names: that node forwards them.
 //! Exit codes: 0 success, 1 error (connection, HTTP, API error), 2 usage
-//! (clap's own exit code for a bad command line).
+//! (clap's own exit code for a bad command line; also a URL that does not parse).
 //!
 //! Must not touch: anything but the HTTP API; it shares the JSON types of
 //! `admin::cluster` so both sides agree on the format.
@@ -119,7 +119,12 @@ pub fn run(args: CtlArgs) -> ExitCode {
         }
         Err(e) => {
             eprintln!("raftmq ctl: {e}");
-            ExitCode::FAILURE
+            // A URL that cannot be parsed is a usage error, like clap's.
+            if matches!(e, CtlError::Url(_)) {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

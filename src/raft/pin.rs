@@ -34,8 +34,16 @@ pub const PIN_MAX_LAG: u64 = 100;
 /// The pinned node counts as alive if it acknowledged the leader this recently.
 pub const PIN_MAX_SILENCE: Duration = Duration::from_secs(1);
 /// After asking for a transfer, wait this long before asking again (an
-/// election takes a few hundred ms; a refused transfer should not spin).
+/// election takes a few hundred ms); it doubles with each attempt that leaves
+/// this node leader, up to [`TRANSFER_COOLDOWN_MAX`], so a pinned node that
+/// cannot win does not cause an election every few seconds.
 pub const TRANSFER_COOLDOWN: Duration = Duration::from_secs(2);
+pub const TRANSFER_COOLDOWN_MAX: Duration = Duration::from_secs(32);
+
+/// The wait after `attempts` (>= 1) transfers that left this node leader.
+pub fn cooldown(attempts: u32) -> Duration {
+    TRANSFER_COOLDOWN.saturating_mul(1 << attempts.saturating_sub(1).min(5)).min(TRANSFER_COOLDOWN_MAX)
+}
 
 /// One member of the current membership, as this node knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -168,6 +176,7 @@ pub(super) fn spawn(node: RaftNode, mut stop: watch::Receiver<bool>) {
         let mut ticker = tokio::time::interval(PIN_CHECK_INTERVAL);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_attempt: Option<tokio::time::Instant> = None;
+        let mut attempts: u32 = 0;
         loop {
             tokio::select! {
                 _ = ticker.tick() => {}
@@ -177,7 +186,13 @@ pub(super) fn spawn(node: RaftNode, mut stop: watch::Receiver<bool>) {
             if m.role == Role::Shutdown {
                 return;
             }
-            if m.role != Role::Leader || last_attempt.is_some_and(|t| t.elapsed() < TRANSFER_COOLDOWN) {
+            if m.role != Role::Leader {
+                // Leadership moved (or was lost): a new term of leading starts afresh.
+                attempts = 0;
+                last_attempt = None;
+                continue;
+            }
+            if last_attempt.is_some_and(|t| t.elapsed() < cooldown(attempts)) {
                 continue;
             }
             let Some(to) = should_transfer(&m, node.pinned_leader(), &node.members()) else {
@@ -186,9 +201,11 @@ pub(super) fn spawn(node: RaftNode, mut stop: watch::Receiver<bool>) {
             tracing::info!(
                 node = node.id,
                 to,
+                attempts,
                 "leadership is pinned to node {to}, which is healthy: transferring"
             );
             last_attempt = Some(tokio::time::Instant::now());
+            attempts = attempts.saturating_add(1);
             if let Err(e) = node.transfer_leader(to).await {
                 tracing::warn!(error = %e, "leader transfer to the pinned node failed");
             }
@@ -232,6 +249,13 @@ mod tests {
             matched,
             last_ack: ack_ms.map(Duration::from_millis),
         }
+    }
+
+    #[test]
+    fn cooldown_doubles_up_to_the_maximum() {
+        let secs: Vec<u64> = (1..=8).map(|a| cooldown(a).as_secs()).collect();
+        assert_eq!(secs, vec![2, 4, 8, 16, 32, 32, 32, 32]);
+        assert_eq!(cooldown(0), TRANSFER_COOLDOWN);
     }
 
     #[test]
