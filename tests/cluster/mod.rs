@@ -108,17 +108,26 @@ pub struct Cluster {
     pub nodes: Vec<Node>,
 }
 
-/// Distinct free loopback ports: all are bound at once before being released,
-/// so they differ from each other (another process may still take one; the
-/// cluster tests are few and short, so that is accepted).
+/// Distinct free loopback ports, below the kernel's ephemeral range (so no
+/// outgoing connection, of this or another process, takes one between the
+/// choice and the node's bind), picked at random and all bound at once before
+/// being released.
 fn free_ports(n: usize) -> Vec<u16> {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse::<u16>().ok()))
+        .unwrap_or(32768)
+        .max(10_001);
     let mut held = Vec::new();
-    for _ in 0..n {
-        match TcpListener::bind("127.0.0.1:0") {
-            Ok(l) => held.push(l),
-            Err(e) => panic!("no free port: {e}"),
+    for _ in 0..10_000 {
+        if held.len() == n {
+            break;
+        }
+        if let Ok(l) = TcpListener::bind(("127.0.0.1", rand::random_range(10_000..low))) {
+            held.push(l);
         }
     }
+    assert_eq!(held.len(), n, "no {n} free ports below {low}");
     held.iter().filter_map(|l| l.local_addr().ok()).map(|a| a.port()).collect()
 }
 
