@@ -9,7 +9,11 @@
 //! health endpoints). Every wait is "until a condition or a deadline".
 #![allow(dead_code)]
 
+#[path = "../common/http.rs"]
+mod http;
 pub mod mqtt;
+
+pub use http::{wait_for, POLL};
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
@@ -18,14 +22,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use serde::Deserialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use mqtt::{Client, Conn, Pkt};
-
-/// How often health endpoints and reconnects are polled.
-pub const POLL: Duration = Duration::from_millis(20);
 
 /// What `/health/*` answers (admin::NodeStatus); only the fields the tests read.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -587,34 +586,5 @@ impl Endpoints {
 /// A minimal HTTP/1.1 GET: (status, body); None when the node does not answer
 /// within one second.
 pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let fut = async {
-        let mut s = TcpStream::connect(addr).await.ok()?;
-        let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-        s.write_all(req.as_bytes()).await.ok()?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await.ok()?;
-        let text = String::from_utf8_lossy(&buf).to_string();
-        let status: u16 = text.split_whitespace().nth(1)?.parse().ok()?;
-        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-        Some((status, body))
-    };
-    tokio::time::timeout(Duration::from_secs(1), fut).await.ok().flatten()
-}
-
-/// Polls `f` until it returns Some or the deadline passes (then panics).
-pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        if Instant::now() > deadline {
-            panic!("timed out after {timeout:?} waiting for {what}");
-        }
-        tokio::time::sleep(POLL).await;
-    }
+    http::http_get_within(addr, path, Duration::from_secs(1)).await
 }

@@ -7,7 +7,11 @@
 //! hide a race.
 #![allow(dead_code)]
 
+pub mod http;
 pub mod raw;
+
+#[allow(unused_imports)] // not every test file polls
+pub use http::wait_for;
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -16,7 +20,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -353,36 +356,7 @@ fn mosquitto_conf(cfg: &BrokerCfg, mqtt_port: u16, listeners: &HashMap<String, S
 
 /// A minimal HTTP/1.1 GET: (status, body).
 pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let fut = async {
-        let mut s = TcpStream::connect(addr).await.ok()?;
-        let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
-        s.write_all(req.as_bytes()).await.ok()?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await.ok()?;
-        let text = String::from_utf8_lossy(&buf).to_string();
-        let status: u16 = text.split_whitespace().nth(1)?.parse().ok()?;
-        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-        Some((status, body))
-    };
-    tokio::time::timeout(Duration::from_secs(2), fut).await.ok().flatten()
-}
-
-/// Polls `f` until it returns Some or the deadline passes.
-pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        if Instant::now() > deadline {
-            panic!("timed out after {timeout:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    http::http_get_within(addr, path, Duration::from_secs(2)).await
 }
 
 // ---------------------------------------------------------------- TLS
