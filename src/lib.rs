@@ -8,6 +8,7 @@ pub mod bench;
 pub mod broker;
 pub mod config;
 pub mod ctl;
+pub mod dynsec;
 pub mod listener;
 pub mod local_cluster;
 pub mod node;
