@@ -404,6 +404,8 @@ where
         Box::pin(refuse(&inner, &mut io, decision.reason_code())).await;
         return None;
     }
+    // `peer` is the client's address (from the PROXY header behind a load balancer).
+    tracing::debug!(client_id = %client_id, %peer, "client authenticated");
     if inner.shutting_down.load(Ordering::Relaxed) {
         Box::pin(refuse(&inner, &mut io, reason::SERVER_UNAVAILABLE)).await;
         return None;

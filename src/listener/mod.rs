@@ -2,14 +2,17 @@
 //! secure WebSocket, and hands each one to the broker as a byte stream.
 //!
 //! Owns: the `[[listeners]]` configuration ([`ListenerConfig`]), loading PEM files,
-//! the per-connection TLS / WebSocket handshakes (each in its own task, under a
-//! timeout, so a slow client never holds up the accept loop), the per-listener
-//! connection limit, and [`ClientStream`], the byte stream the broker reads MQTT
-//! packets from.
+//! the PROXY protocol header where configured (`proxy_protocol = true`: the
+//! client address it carries replaces the socket's peer address for
+//! everything downstream), the per-connection TLS / WebSocket handshakes (each
+//! in its own task, under a timeout, so a slow client never holds up the
+//! accept loop), the per-listener connection limit, and [`ClientStream`], the
+//! byte stream the broker reads MQTT packets from.
 //!
 //! Must not touch: MQTT itself (no packet is decoded here), sessions, auth. What
 //! happens on a connection after the handshake is the handler's business.
 
+mod proxy;
 mod stream;
 mod tls;
 mod ws;
@@ -27,6 +30,7 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
+pub use proxy::ProxyError;
 pub use stream::ClientStream;
 pub use ws::WsStream;
 
@@ -95,6 +99,13 @@ pub struct ListenerConfig {
     /// Connections open at once on this listener; further ones are closed at once.
     #[serde(default)]
     pub max_connections: Option<usize>,
+    /// Every connection starts with a PROXY protocol header (v1 or v2, e.g.
+    /// HAProxy's `send-proxy-v2`) whose client address replaces the socket's
+    /// peer address (logs, authentication, metrics). A connection without a
+    /// valid header is closed. Only for listeners that trusted load
+    /// balancers alone can reach.
+    #[serde(default)]
+    pub proxy_protocol: bool,
 }
 
 fn default_name() -> String {
@@ -118,6 +129,7 @@ impl Default for ListenerConfig {
             require_client_cert: false,
             path: None,
             max_connections: None,
+            proxy_protocol: false,
         }
     }
 }
@@ -161,6 +173,7 @@ pub struct Listener {
     tls: Option<TlsAcceptor>,
     limit: Option<Arc<Semaphore>>,
     handshake_timeout: Duration,
+    proxy_protocol: bool,
 }
 
 impl std::fmt::Debug for Listener {
@@ -198,6 +211,7 @@ impl Listener {
             tls,
             limit: cfg.max_connections.map(|n| Arc::new(Semaphore::new(n))),
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            proxy_protocol: cfg.proxy_protocol,
         })
     }
 
@@ -240,8 +254,15 @@ impl Listener {
             path: self.path.clone(),
             tls: self.tls.clone(),
             handshake_timeout: self.handshake_timeout,
+            proxy_protocol: self.proxy_protocol,
         });
-        tracing::info!(listener = %self.name, kind = self.kind.as_str(), addr = %self.local_addr, "listening");
+        tracing::info!(
+            listener = %self.name,
+            kind = self.kind.as_str(),
+            addr = %self.local_addr,
+            proxy_protocol = self.proxy_protocol,
+            "listening"
+        );
         let mut backoff = ACCEPT_BACKOFF_MIN;
         loop {
             let accepted = tokio::select! {
@@ -287,11 +308,17 @@ impl Listener {
                 // stay inline in every connection's task for its whole life (about
                 // 11 KB per idle connection, measured).
                 let handshake =
-                    Box::pin(tokio::time::timeout(conn.handshake_timeout, conn.handshake(socket)));
-                let stream = tokio::select! {
+                    Box::pin(tokio::time::timeout(conn.handshake_timeout, conn.handshake(socket, peer)));
+                let (stream, peer) = tokio::select! {
                     _ = shutdown.cancelled() => return,
                     result = handshake => match result {
-                        Ok(Ok(stream)) => stream,
+                        Ok(Ok(pair)) => pair,
+                        Ok(Err(HandshakeError::Proxy(e))) => {
+                            // Most likely a load balancer (or client) configured
+                            // without the PROXY protocol: say so plainly.
+                            tracing::warn!(listener = %conn.name, %peer, error = %e, "closing connection: bad PROXY protocol header");
+                            return;
+                        }
                         Ok(Err(e)) => {
                             tracing::debug!(listener = %conn.name, %peer, error = %e, "handshake failed");
                             return;
@@ -316,10 +343,30 @@ struct ConnSetup {
     path: Option<String>,
     tls: Option<TlsAcceptor>,
     handshake_timeout: Duration,
+    proxy_protocol: bool,
 }
 
 impl ConnSetup {
-    async fn handshake(&self, socket: TcpStream) -> Result<ClientStream, HandshakeError> {
+    /// The PROXY header (when configured, before anything else: it precedes
+    /// TLS), then the transport's handshake. Returns the stream and the
+    /// client's address (from the PROXY header when it carries one).
+    async fn handshake(
+        &self,
+        mut socket: TcpStream,
+        peer: SocketAddr,
+    ) -> Result<(ClientStream, SocketAddr), HandshakeError> {
+        let mut client = peer;
+        if self.proxy_protocol {
+            let timeout = proxy::HEADER_TIMEOUT.min(self.handshake_timeout);
+            if let Some(addr) = proxy::read_header(&mut socket, timeout).await? {
+                tracing::debug!(listener = %self.name, client = %addr, proxy = %peer, "PROXY protocol header");
+                client = addr;
+            }
+        }
+        Ok((self.transport(socket).await?, client))
+    }
+
+    async fn transport(&self, socket: TcpStream) -> Result<ClientStream, HandshakeError> {
         let path = self.path.as_deref();
         match (self.kind, &self.tls) {
             (ListenerKind::Tcp, _) => Ok(ClientStream::Tcp(socket)),
@@ -343,6 +390,8 @@ enum HandshakeError {
     WebSocket(#[from] tokio_tungstenite::tungstenite::Error),
     #[error("no TLS configuration for a TLS listener")]
     NoTlsConfig,
+    #[error("{0}")]
+    Proxy(#[from] ProxyError),
 }
 
 #[cfg(test)]

@@ -550,3 +550,191 @@ fn listener_config_from_toml() {
     assert!(toml::from_str::<ListenerConfig>("kind = \"quic\"").is_err());
     assert!(toml::from_str::<ListenerConfig>("bind = \"127.0.0.1:1\"\ntypo = 1").is_err());
 }
+
+// ------------------------------------------------------------ PROXY protocol
+
+/// A v2 header written by hand from the specification (not by the parser's
+/// own builder): signature, version 2 + command, family + STREAM, length,
+/// addresses, then `tlv` bytes.
+fn v2_header(proxy: bool, src: SocketAddr, dst: SocketAddr, tlv: &[u8]) -> Vec<u8> {
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    h.push(if proxy { 0x21 } else { 0x20 });
+    let mut addrs = Vec::new();
+    match (src, dst) {
+        (SocketAddr::V4(s), SocketAddr::V4(d)) => {
+            h.push(0x11);
+            addrs.extend_from_slice(&s.ip().octets());
+            addrs.extend_from_slice(&d.ip().octets());
+            addrs.extend_from_slice(&s.port().to_be_bytes());
+            addrs.extend_from_slice(&d.port().to_be_bytes());
+        }
+        (SocketAddr::V6(s), SocketAddr::V6(d)) => {
+            h.push(0x21);
+            addrs.extend_from_slice(&s.ip().octets());
+            addrs.extend_from_slice(&d.ip().octets());
+            addrs.extend_from_slice(&s.port().to_be_bytes());
+            addrs.extend_from_slice(&d.port().to_be_bytes());
+        }
+        _ => panic!("mixed families"),
+    }
+    addrs.extend_from_slice(tlv);
+    h.extend_from_slice(&(addrs.len() as u16).to_be_bytes());
+    h.extend_from_slice(&addrs);
+    h
+}
+
+fn proxied(kind: ListenerKind) -> ListenerConfig {
+    ListenerConfig { proxy_protocol: true, ..cfg(kind) }
+}
+
+/// Sends `header` and the first payload in one write (as a load balancer
+/// does when the client spoke first), then checks the echo: not a byte of
+/// the stream behind the header may be eaten.
+async fn header_then_echo(running: &mut Running, header: &[u8]) -> Seen {
+    let mut s = TcpStream::connect(running.addr).await.unwrap();
+    let mut first = header.to_vec();
+    first.extend_from_slice(b"\x10MQTT-bytes");
+    within("write", s.write_all(&first)).await.unwrap();
+    let mut got = [0u8; 11];
+    within("read echo", s.read_exact(&mut got)).await.unwrap();
+    assert_eq!(&got, b"\x10MQTT-bytes");
+    echo_round_trip(&mut s, &[b"more"]).await;
+    within("handler", running.seen.recv()).await.unwrap()
+}
+
+#[tokio::test]
+async fn proxy_v1_and_v2_headers_give_the_client_address() {
+    let mut running = start(Listener::bind(&proxied(ListenerKind::Tcp)).await.unwrap());
+    let seen = header_then_echo(&mut running, b"PROXY TCP4 192.0.2.7 10.0.0.1 40001 1883\r\n").await;
+    assert_eq!(seen.peer, "192.0.2.7:40001".parse().unwrap());
+    let seen = header_then_echo(&mut running, b"PROXY TCP6 2001:db8::7 2001:db8::1 40002 1883\r\n").await;
+    assert_eq!(seen.peer, "[2001:db8::7]:40002".parse().unwrap());
+
+    let dst: SocketAddr = "10.0.0.1:1883".parse().unwrap();
+    let v4 = v2_header(true, "198.51.100.9:50000".parse().unwrap(), dst, &[]);
+    assert_eq!(header_then_echo(&mut running, &v4).await.peer, "198.51.100.9:50000".parse().unwrap());
+    // TLVs (HAProxy may send some) are skipped.
+    let with_tlv = v2_header(true, "198.51.100.10:50001".parse().unwrap(), dst, &[0x04, 0x00, 0x01, 0x00]);
+    assert_eq!(header_then_echo(&mut running, &with_tlv).await.peer, "198.51.100.10:50001".parse().unwrap());
+    let v6 =
+        v2_header(true, "[2001:db8::9]:50002".parse().unwrap(), "[2001:db8::1]:1883".parse().unwrap(), &[]);
+    assert_eq!(header_then_echo(&mut running, &v6).await.peer, "[2001:db8::9]:50002".parse().unwrap());
+
+    // No client address in the header: the socket's own peer stands.
+    let local = v2_header(false, "198.51.100.9:50000".parse().unwrap(), dst, &[]);
+    assert!(header_then_echo(&mut running, &local).await.peer.ip().is_loopback());
+    assert!(header_then_echo(&mut running, b"PROXY UNKNOWN\r\n").await.peer.ip().is_loopback());
+    let unknown = b"PROXY UNKNOWN ffff::1 ffff::2 1 2\r\n";
+    assert!(header_then_echo(&mut running, unknown).await.peer.ip().is_loopback());
+}
+
+#[tokio::test]
+async fn a_header_split_over_many_writes_is_read_whole() {
+    let mut running = start(Listener::bind(&proxied(ListenerKind::Tcp)).await.unwrap());
+    for header in [
+        b"PROXY TCP4 192.0.2.8 10.0.0.1 40003 1883\r\n".to_vec(),
+        v2_header(true, "192.0.2.9:40004".parse().unwrap(), "10.0.0.1:1883".parse().unwrap(), &[]),
+    ] {
+        let mut s = TcpStream::connect(running.addr).await.unwrap();
+        for chunk in header.chunks(7) {
+            s.write_all(chunk).await.unwrap();
+            s.flush().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        echo_round_trip(&mut s, &[b"after"]).await;
+        let seen = within("handler", running.seen.recv()).await.unwrap();
+        assert!(seen.peer.ip().to_string().starts_with("192.0.2."), "{seen:?}");
+    }
+}
+
+#[tokio::test]
+async fn proxy_header_before_tls() {
+    let pki = Pki::new();
+    let cfg = ListenerConfig { proxy_protocol: true, ..pki.listener_cfg(ListenerKind::Tls) };
+    let mut running = start(Listener::bind(&cfg).await.unwrap());
+    let mut tcp = TcpStream::connect(running.addr).await.unwrap();
+    tcp.write_all(b"PROXY TCP4 203.0.113.5 10.0.0.1 41000 8883\r\n").await.unwrap();
+    let connector = pki.connector(false);
+    let name = ServerName::try_from("localhost").unwrap();
+    let mut tls = within("tls", connector.connect(name, tcp)).await.unwrap();
+    echo_round_trip(&mut tls, &[b"secure"]).await;
+    let seen = within("handler", running.seen.recv()).await.unwrap();
+    assert_eq!(seen.kind, ListenerKind::Tls);
+    assert_eq!(seen.peer, "203.0.113.5:41000".parse().unwrap());
+}
+
+/// The connection is closed without reaching the handler.
+async fn rejected(running: &mut Running, bytes: &[u8], then_close: bool) {
+    let mut s = TcpStream::connect(running.addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    if then_close {
+        s.shutdown().await.unwrap();
+    }
+    let mut buf = [0u8; 64];
+    let r = within("closed", s.read(&mut buf)).await;
+    assert!(matches!(r, Ok(0) | Err(_)), "{:?}: {r:?}", String::from_utf8_lossy(bytes));
+    assert!(running.seen.try_recv().is_err(), "{:?} reached the handler", String::from_utf8_lossy(bytes));
+}
+
+#[tokio::test]
+async fn malformed_or_missing_headers_close_the_connection() {
+    let listener = Listener::bind(&proxied(ListenerKind::Tcp))
+        .await
+        .unwrap()
+        .with_handshake_timeout(Duration::from_millis(300));
+    let mut running = start(listener);
+    let dst: SocketAddr = "10.0.0.1:1883".parse().unwrap();
+    let mut bad_version = v2_header(true, "192.0.2.1:1".parse().unwrap(), dst, &[]);
+    bad_version[12] = 0x11;
+    let mut bad_command = v2_header(true, "192.0.2.1:1".parse().unwrap(), dst, &[]);
+    bad_command[12] = 0x2F;
+    let mut short_addresses = v2_header(true, "192.0.2.1:1".parse().unwrap(), dst, &[]);
+    short_addresses[15] = 4; // IPv4 needs 12 bytes
+    short_addresses.truncate(20);
+    let cases: Vec<Vec<u8>> = vec![
+        // A client speaking MQTT straight to a PROXY listener.
+        b"\x10\x10\x00\x04MQTT\x04\x02\x00\x3c\x00\x04abcd".to_vec(),
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+        b"PROXY TCP4 not-an-ip 10.0.0.1 1 2\r\n".to_vec(),
+        b"PROXY TCP4 192.0.2.1 10.0.0.1 99999 2\r\n".to_vec(),
+        b"PROXY TCP5 192.0.2.1 10.0.0.1 1 2\r\n".to_vec(),
+        // Longer than the 107 bytes v1 allows, no line end.
+        [b"PROXY TCP4 ".as_slice(), &[b'1'; 120]].concat(),
+        bad_version,
+        bad_command,
+        short_addresses,
+    ];
+    for case in &cases {
+        rejected(&mut running, case, false).await;
+    }
+    // Truncated headers: the peer closes, or goes silent past the deadline.
+    rejected(&mut running, b"PROXY TCP4 192.0.2.1", true).await;
+    rejected(&mut running, b"PROXY TCP4 192.0.2.1", false).await;
+    rejected(&mut running, b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c\xc0", false).await;
+    // The listener is unharmed.
+    let seen = header_then_echo(&mut running, b"PROXY TCP4 192.0.2.7 10.0.0.1 40001 1883\r\n").await;
+    assert_eq!(seen.peer, "192.0.2.7:40001".parse().unwrap());
+}
+
+#[tokio::test]
+async fn without_the_setting_a_header_is_just_bytes() {
+    let mut running = start(Listener::bind(&cfg(ListenerKind::Tcp)).await.unwrap());
+    let mut s = TcpStream::connect(running.addr).await.unwrap();
+    echo_round_trip(&mut s, &[b"PROXY TCP4 192.0.2.7 10.0.0.1 40001 1883\r\n"]).await;
+    assert!(within("handler", running.seen.recv()).await.unwrap().peer.ip().is_loopback());
+}
+
+proptest::proptest! {
+    /// Whatever the bytes, parsing answers (an address, none, or an error) and never panics.
+    #[test]
+    fn proxy_parsers_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..128)) {
+        let _ = proxy::parse_v1(&bytes);
+        let _ = proxy::parse_v2(&bytes);
+        let mut v2 = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+        v2.extend_from_slice(&bytes);
+        let _ = proxy::parse_v2(&v2);
+        let mut v1 = b"PROXY ".to_vec();
+        v1.extend_from_slice(&bytes);
+        let _ = proxy::parse_v1(&v1);
+    }
+}

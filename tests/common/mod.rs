@@ -42,6 +42,8 @@ pub struct BrokerCfg {
     pub listeners: Vec<ListenerSpec>,
     /// Files to write into the temp dir before start: (name, contents).
     pub files: Vec<(String, Vec<u8>)>,
+    /// The node's log filter (`RUST_LOG`), when not the default.
+    pub log: Option<String>,
 }
 
 impl BrokerCfg {
@@ -58,6 +60,10 @@ impl BrokerCfg {
             kind: kind.into(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
         });
+        self
+    }
+    pub fn log(mut self, filter: &str) -> BrokerCfg {
+        self.log = Some(filter.into());
         self
     }
     pub fn file(mut self, name: &str, contents: &[u8]) -> BrokerCfg {
@@ -165,7 +171,12 @@ impl Broker {
                 .arg("serve")
                 .arg("--config")
                 .arg(&cfg_path)
-                .env("RUST_LOG", std::env::var("RAFTMQ_TEST_LOG").unwrap_or_else(|_| "info".into()))
+                .env(
+                    "RUST_LOG",
+                    cfg.log.clone().unwrap_or_else(|| {
+                        std::env::var("RAFTMQ_TEST_LOG").unwrap_or_else(|_| "info".into())
+                    }),
+                )
                 .env("NO_COLOR", "1")
                 .stdin(Stdio::null())
                 .stdout(log_file)
