@@ -13,9 +13,13 @@
 //! bad certificate stops the node with a clear error instead of leaving it half
 //! up. A single node accepts MQTT connections once it serves (a moment after
 //! start); a cluster node accepts at once, and refuses CONNECT (0x9C / 3)
-//! unless it is the serving leader. Shutdown (SIGINT or SIGTERM) stops
-//! accepting, lets the broker say goodbye to its clients (MQTT 5: DISCONNECT
-//! 0x8B), then stops Raft.
+//! unless it is the serving leader. Shutdown (SIGINT or SIGTERM) on the
+//! leader first hands leadership over ([`Node::hand_over`]): it transfers it to
+//! the most caught-up healthy voter, waits (bounded) until that node leads,
+//! and lets its clients go with DISCONNECT 0x9C + the new leader's address, so
+//! a rolling restart costs each client one reconnect. Then (on every node) it
+//! stops accepting, lets the broker say goodbye to any client left (MQTT 5:
+//! DISCONNECT 0x8B), and stops Raft. A second signal skips the hand-over.
 //!
 //! This module holds no protocol or state logic; it only connects the parts.
 
@@ -83,6 +87,13 @@ pub fn run(config: Config) -> Result<(), NodeError> {
         let node = Node::start(config).await?;
         wait_for_signal().await?;
         info!("shutting down");
+        tokio::select! {
+            _ = node.hand_over() => {}
+            r = wait_for_signal() => {
+                r?;
+                warn!("second signal: stopping without waiting for the leadership hand-over");
+            }
+        }
         node.stop().await;
         Ok(())
     })
@@ -96,6 +107,7 @@ pub struct Node {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     mqtt_addrs: Vec<SocketAddr>,
     admin_addr: SocketAddr,
+    handover_timeout: Duration,
 }
 
 /// The commit timeout of the pipeline: two maximal election timeouts (a
@@ -104,6 +116,17 @@ pub struct Node {
 pub fn commit_timeout(cluster: &ClusterConfig) -> Duration {
     Duration::from_millis(cluster.election_timeout_max_ms.saturating_mul(2).max(1000))
 }
+
+/// How long a stopping leader waits for another node to lead after asking
+/// it to: two maximal election timeouts (an election started by the
+/// transfer takes about one round trip), at least 500 ms.
+pub fn handover_timeout(cluster: &ClusterConfig) -> Duration {
+    Duration::from_millis(cluster.election_timeout_max_ms.saturating_mul(2).max(500))
+}
+
+/// How long a stopping leader waits for its clients to be told where the
+/// new leader is.
+const HANDOVER_DRAIN: Duration = Duration::from_secs(5);
 
 impl Node {
     /// Binds every socket, starts Raft, then starts serving.
@@ -193,7 +216,15 @@ impl Node {
             members = cluster.nodes.len(),
             "node started"
         );
-        Ok(Node { broker, raft, shutdown, tasks, mqtt_addrs, admin_addr })
+        Ok(Node {
+            broker,
+            raft,
+            shutdown,
+            tasks,
+            mqtt_addrs,
+            admin_addr,
+            handover_timeout: handover_timeout(&cluster),
+        })
     }
 
     /// The bound MQTT listener addresses, in configuration order.
@@ -211,6 +242,54 @@ impl Node {
 
     pub fn raft(&self) -> &RaftNode {
         &self.raft
+    }
+
+    /// Before stopping a leader: moves leadership to the most caught-up
+    /// healthy voter (the pinned leader when it is one of them), waits up to
+    /// [`handover_timeout`] until another node leads, then until this node's
+    /// clients have been sent there (DISCONNECT 0x9C + Server Reference).
+    /// Returns whether leadership moved. A follower, a single node, or a
+    /// leader with no voter ready to take over returns at once (false).
+    pub async fn hand_over(&self) -> bool {
+        let m = self.raft.metrics();
+        if m.role != raft::Role::Leader {
+            return false;
+        }
+        let members = self.raft.members();
+        let ready: Vec<&raft::pin::MemberProgress> = members
+            .iter()
+            .filter(|p| p.id != m.node_id && raft::pin::ready_to_lead(&m, &members, p.id).is_ok())
+            .collect();
+        let pinned = self.raft.pinned_leader();
+        let Some(to) = ready
+            .iter()
+            .find(|p| Some(p.id) == pinned)
+            .or_else(|| ready.iter().max_by_key(|p| (p.matched, std::cmp::Reverse(p.last_ack))))
+            .map(|p| p.id)
+        else {
+            if m.voters.len() > 1 {
+                warn!("no caught-up voter to hand leadership to; stopping without a transfer");
+            }
+            return false;
+        };
+        info!(to, "stopping the leader: handing leadership over first");
+        self.broker.expect_handover();
+        if let Err(e) = self.raft.transfer_leader(to).await {
+            warn!(error = %e, "leader transfer failed; stopping without it");
+            return false;
+        }
+        let me = m.node_id;
+        match self.raft.wait_for(self.handover_timeout, |m| m.leader.is_some_and(|l| l != me)).await {
+            Ok(m) => info!(leader = ?m.leader, "leadership handed over"),
+            Err(e) => {
+                warn!(error = %e, "no other leader within {:?}; stopping anyway", self.handover_timeout);
+                return false;
+            }
+        }
+        if !self.broker.wait_stepped_down(HANDOVER_DRAIN).await {
+            warn!("clients still connected after the hand-over; they get DISCONNECT 0x8B");
+        }
+        true
     }
 
     /// Stops accepting, disconnects every client, waits for the tasks, stops Raft.
@@ -500,6 +579,37 @@ mod tests {
         // The session moved with the leadership: it is present on the new leader.
         let (_, ack) = Client::connect(nodes[to].mqtt_addrs()[0], false).await;
         assert!(matches!(ack, Packet::ConnAck(ref a) if a.reason_code == 0 && a.session_present), "{ack:?}");
+        for n in nodes {
+            n.stop().await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stopping_leader_hands_over_and_points_its_clients_at_the_new_leader() {
+        let dir = tempfile::tempdir().unwrap();
+        let nodes = start_three(dir.path()).await;
+        let l = leader_of(&nodes).await;
+        // A follower has nothing to hand over.
+        assert!(!nodes[(l + 1) % 3].hand_over().await);
+        let (mut c, ack) = Client::connect(nodes[l].mqtt_addrs()[0], true).await;
+        assert!(matches!(ack, Packet::ConnAck(ref a) if a.reason_code == 0), "{ack:?}");
+
+        let started = std::time::Instant::now();
+        assert!(nodes[l].hand_over().await, "leadership did not move");
+        let new = nodes[l].raft().metrics().leader.expect("a new leader") as usize - 1;
+        assert_ne!(new, l);
+        // Bounded by the hand-over timeout plus the drain, in practice far less.
+        assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
+        // The client was already told, with the new leader's address.
+        match c.recv().await {
+            Some(Packet::Disconnect(d)) => {
+                assert_eq!(d.reason_code, reason::USE_ANOTHER_SERVER);
+                assert_eq!(d.server_reference, Some(nodes[new].mqtt_addrs()[0].to_string()));
+            }
+            other => panic!("expected DISCONNECT 0x9C, got {other:?}"),
+        }
+        assert!(!nodes[l].broker().is_serving());
+        assert_eq!(leader_of(&nodes).await, new);
         for n in nodes {
             n.stop().await;
         }

@@ -11,6 +11,10 @@
 //!   every connection to close (MQTT 5: DISCONNECT 0x9C with the leader as
 //!   Server Reference), wait (bounded) for them, then drop the fast-path
 //!   state (router, registry): the next leader rebuilds it from State.
+//! - a planned hand-over (the node stops on SIGTERM and transferred its
+//!   leadership first, see node.rs): stepping down first waits, bounded, until
+//!   the new leader is known, so every client's DISCONNECT 0x9C carries the
+//!   new leader's address as Server Reference.
 //!
 //! While not serving, the connection code answers CONNECT with CONNACK 0x9C
 //! (+ Server Reference, MQTT 5) or 3 "server unavailable" (3.1.1).
@@ -35,23 +39,28 @@ use super::Inner;
 const RETRY: Duration = Duration::from_millis(200);
 /// How long stepping down waits for the connections to close.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// In a planned hand-over, how long stepping down waits to learn the new
+/// leader's address before it disconnects clients without it.
+const HANDOVER_REFERENCE_WAIT: Duration = Duration::from_secs(2);
 
 /// The broker's serving flag and the leader's MQTT address.
 pub(crate) struct Serving {
     on: watch::Sender<bool>,
     /// MQTT address of the current leader when it is another node (Server Reference).
     leader_ref: RwLock<Option<String>>,
+    /// A planned hand-over is under way (see the module docs).
+    handover: std::sync::atomic::AtomicBool,
 }
 
 impl Serving {
     /// Always serving (the broker's local pipeline, without Raft).
     pub fn always() -> Serving {
-        Serving { on: watch::Sender::new(true), leader_ref: RwLock::new(None) }
+        Serving { on: watch::Sender::new(true), leader_ref: RwLock::new(None), handover: false.into() }
     }
 
     /// Not serving until the serving task says so.
     pub fn off() -> Serving {
-        Serving { on: watch::Sender::new(false), leader_ref: RwLock::new(None) }
+        Serving { on: watch::Sender::new(false), leader_ref: RwLock::new(None), handover: false.into() }
     }
 
     pub fn is_on(&self) -> bool {
@@ -163,7 +172,61 @@ pub(crate) async fn run(weak: Weak<Inner>, raft: RaftNode) {
             }
         }
         let Some(inner) = weak.upgrade() else { return };
+        if inner.serving.handover.load(Ordering::SeqCst) {
+            inner.serving.set(false);
+            wait_for_new_leader(&inner, &mut rx).await;
+        }
         step_down(&inner).await;
+    }
+}
+
+/// Planned hand-over: the old leader learns the new one a moment after it
+/// stepped down (once the winner's first AppendEntries arrives); wait for
+/// that, bounded, so the clients are told where to go.
+async fn wait_for_new_leader(inner: &Inner, rx: &mut watch::Receiver<crate::raft::NodeMetrics>) {
+    let wait = async {
+        loop {
+            {
+                let m = rx.borrow_and_update();
+                inner.serving.note_leader(&m);
+                if inner.serving.server_reference().is_some() {
+                    return;
+                }
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    };
+    if tokio::time::timeout(HANDOVER_REFERENCE_WAIT, wait).await.is_err() {
+        tracing::warn!(
+            "new leader not known after the hand-over; disconnecting clients without a Server Reference"
+        );
+    }
+}
+
+impl super::Broker {
+    /// Announces a planned leadership hand-over (node shutdown): when this
+    /// node steps down, clients are disconnected only once the new leader's
+    /// address is known (bounded), so their DISCONNECT 0x9C points at it.
+    pub fn expect_handover(&self) {
+        self.inner.serving.handover.store(true, Ordering::SeqCst);
+    }
+
+    /// Waits until this node no longer serves and its MQTT clients are gone
+    /// (they were told to use another server), at most `timeout`; returns
+    /// whether that happened.
+    pub async fn wait_stepped_down(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if !self.is_serving() && Metrics::get(&self.inner.metrics.clients_connected) == 0 {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }
 
