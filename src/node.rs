@@ -273,7 +273,6 @@ impl Node {
             return false;
         };
         info!(to, "stopping the leader: handing leadership over first");
-        self.broker.expect_handover();
         if let Err(e) = self.raft.transfer_leader(to).await {
             warn!(error = %e, "leader transfer failed; stopping without it");
             return false;

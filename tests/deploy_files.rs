@@ -3,22 +3,15 @@
 //! tests/run.sh), and the container, Kubernetes and Grafana files parse.
 //! These are offline checks; tests/haproxy.rs runs the configurations.
 
+mod lb;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use lb::haproxy_bin;
+
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// The haproxy binary: on PATH, else Debian's /usr/sbin (not on a user's PATH).
-pub fn haproxy_bin() -> PathBuf {
-    for dir in std::env::var("PATH").unwrap_or_default().split(':').chain(["/usr/sbin", "/usr/local/sbin"]) {
-        let p = Path::new(dir).join("haproxy");
-        if p.is_file() {
-            return p;
-        }
-    }
-    panic!("haproxy is not installed: `apt-get install haproxy` (tests/run.sh installs it)");
 }
 
 fn files_with_ext(dir: &Path, ext: &str) -> Vec<PathBuf> {

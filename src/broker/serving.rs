@@ -11,10 +11,13 @@
 //!   every connection to close (MQTT 5: DISCONNECT 0x9C with the leader as
 //!   Server Reference), wait (bounded) for them, then drop the fast-path
 //!   state (router, registry): the next leader rebuilds it from State.
-//! - a planned hand-over (the node stops on SIGTERM and transferred its
-//!   leadership first, see node.rs): stepping down first waits, bounded, until
-//!   the new leader is known, so every client's DISCONNECT 0x9C carries the
-//!   new leader's address as Server Reference.
+//! - a leader transfer this node asked for (SIGTERM hand-over in node.rs,
+//!   the pinned leader, the admin API): new CONNECTs are refused at once (a
+//!   client accepted now would be moved again a moment later), and stepping
+//!   down first waits, bounded, until the new leader is known, so every
+//!   client's DISCONNECT 0x9C carries the new leader's address as Server
+//!   Reference. If leadership has not moved after [`TRANSFER_WAIT`], the node
+//!   serves again.
 //!
 //! While not serving, the connection code answers CONNECT with CONNACK 0x9C
 //! (+ Server Reference, MQTT 5) or 3 "server unavailable" (3.1.1).
@@ -42,6 +45,9 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// In a planned hand-over, how long stepping down waits to learn the new
 /// leader's address before it disconnects clients without it.
 const HANDOVER_REFERENCE_WAIT: Duration = Duration::from_secs(2);
+/// How long a leader that asked for a transfer refuses new clients while
+/// waiting for leadership to move; then it serves again.
+const TRANSFER_WAIT: Duration = Duration::from_secs(2);
 
 /// The broker's serving flag and the leader's MQTT address.
 pub(crate) struct Serving {
@@ -126,6 +132,7 @@ impl EventRelay {
 /// Follows the Raft metrics and moves the serving flag (see the module docs).
 pub(crate) async fn run(weak: Weak<Inner>, raft: RaftNode) {
     let mut rx = raft.subscribe();
+    let mut transfers = raft.subscribe_transfers();
     loop {
         // Wait for Raft to say this node may serve.
         loop {
@@ -157,10 +164,42 @@ pub(crate) async fn run(weak: Weak<Inner>, raft: RaftNode) {
             continue;
         }
         drop(inner);
+        transfers.borrow_and_update();
+        let mut transfer_until: Option<tokio::time::Instant> = None;
         // Serve until Raft says otherwise.
         loop {
-            if rx.changed().await.is_err() {
-                return;
+            let give_up = async {
+                match transfer_until {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                r = rx.changed() => if r.is_err() { return },
+                r = transfers.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                    transfers.borrow_and_update();
+                    if let Some(inner) = weak.upgrade() {
+                        tracing::info!("leader transfer requested: refusing new clients until leadership moves");
+                        inner.serving.handover.store(true, Ordering::SeqCst);
+                        inner.serving.set(false);
+                    }
+                    transfer_until = Some(tokio::time::Instant::now() + TRANSFER_WAIT);
+                    continue;
+                }
+                _ = give_up => {
+                    transfer_until = None;
+                    if let Some(inner) = weak.upgrade() {
+                        if rx.borrow().serving && !inner.shutting_down.load(Ordering::Relaxed) {
+                            tracing::warn!("leadership did not move after the transfer request; serving again");
+                            inner.serving.handover.store(false, Ordering::SeqCst);
+                            inner.serving.set(true);
+                        }
+                    }
+                    continue;
+                }
             }
             let m = rx.borrow_and_update().clone();
             if let Some(inner) = weak.upgrade() {
@@ -206,13 +245,6 @@ async fn wait_for_new_leader(inner: &Inner, rx: &mut watch::Receiver<crate::raft
 }
 
 impl super::Broker {
-    /// Announces a planned leadership hand-over (node shutdown): when this
-    /// node steps down, clients are disconnected only once the new leader's
-    /// address is known (bounded), so their DISCONNECT 0x9C points at it.
-    pub fn expect_handover(&self) {
-        self.inner.serving.handover.store(true, Ordering::SeqCst);
-    }
-
     /// Waits until this node no longer serves and its MQTT clients are gone
     /// (they were told to use another server), at most `timeout`; returns
     /// whether that happened.
@@ -239,6 +271,7 @@ async fn become_serving(inner: &Arc<Inner>) -> bool {
         return false;
     }
     rebuild(inner);
+    inner.serving.handover.store(false, Ordering::SeqCst);
     inner.serving.set(true);
     tracing::info!(
         sessions = Metrics::get(&inner.metrics.sessions_persistent),

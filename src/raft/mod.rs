@@ -283,6 +283,9 @@ pub struct RaftNode {
     /// Resolves when the log store has released its files.
     store_closed: Arc<tokio::sync::Mutex<Option<StoreClosed>>>,
     storage_stats: Arc<StorageStats>,
+    /// Counts the leader transfers this node asked for (the broker stops
+    /// taking new clients while one is under way, broker::serving).
+    transfers: Arc<watch::Sender<u64>>,
     /// The State this node applies into (the pin task reads its settings).
     state: Arc<RwLock<State>>,
 }
@@ -422,6 +425,7 @@ impl RaftNode {
             stop: Arc::new(stop_tx),
             store_closed: Arc::new(tokio::sync::Mutex::new(Some(store_closed))),
             storage_stats,
+            transfers: Arc::new(watch::Sender::new(0)),
             state,
         };
         pin::spawn(node.clone(), node.stop.subscribe());
@@ -559,7 +563,15 @@ impl RaftNode {
     /// Asks the leader (this node) to hand leadership to `to`; ignored when this
     /// node is not the leader. Completion shows in the metrics.
     pub async fn transfer_leader(&self, to: NodeId) -> Result<(), RaftError> {
+        if self.is_leader() {
+            self.transfers.send_modify(|n| *n += 1);
+        }
         self.raft.trigger().transfer_leader(to).await.map_err(|e| RaftError::Fatal(e.to_string()))
+    }
+
+    /// Changes each time this node, as leader, asks for a leader transfer.
+    pub fn subscribe_transfers(&self) -> watch::Receiver<u64> {
+        self.transfers.subscribe()
     }
 
     /// Adds (or updates) a non-voting member; returns once it is committed

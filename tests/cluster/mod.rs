@@ -53,11 +53,35 @@ pub struct Opts {
     /// Extra TOML appended to one node's file (after every other table):
     /// (node id, text).
     pub extra: Vec<(u64, String)>,
+    /// Extra `key = value` lines of every node's MQTT [[listeners]] table.
+    pub listener: Vec<String>,
+    /// The nodes' log filter (`RUST_LOG`) instead of `RAFTMQ_TEST_LOG` / info.
+    pub log: Option<String>,
 }
 
 impl Opts {
     pub fn three() -> Opts {
-        Opts { nodes: 3, cluster: vec![], mqtt: vec![], joiners: 0, extra: vec![] }
+        Opts {
+            nodes: 3,
+            cluster: vec![],
+            mqtt: vec![],
+            joiners: 0,
+            extra: vec![],
+            listener: vec![],
+            log: None,
+        }
+    }
+    pub fn nodes(mut self, n: u64) -> Opts {
+        self.nodes = n;
+        self
+    }
+    pub fn listener(mut self, line: &str) -> Opts {
+        self.listener.push(line.into());
+        self
+    }
+    pub fn log(mut self, filter: &str) -> Opts {
+        self.log = Some(filter.into());
+        self
     }
     pub fn cluster(mut self, line: &str) -> Opts {
         self.cluster.push(line.into());
@@ -105,6 +129,7 @@ impl Node {
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub nodes: Vec<Node>,
+    log_filter: Option<String>,
 }
 
 /// Distinct free loopback ports, below the kernel's ephemeral range (so no
@@ -184,6 +209,10 @@ impl Cluster {
                 "\n[[listeners]]\nname = \"default\"\nkind = \"tcp\"\nbind = \"{}\"\n",
                 n.mqtt
             ));
+            for l in &opts.listener {
+                t.push_str(l);
+                t.push('\n');
+            }
             t.push_str(&format!("\n[admin]\nlisten = \"{}\"\n", n.admin));
             t.push_str(&format!("\n[cluster]\nlisten = \"{}\"\n", n.cluster));
             for l in &opts.cluster {
@@ -206,7 +235,7 @@ impl Cluster {
                 panic!("write {}: {e}", n.config.display());
             }
         }
-        Cluster { dir, nodes }
+        Cluster { dir, nodes, log_filter: opts.log.clone() }
     }
 
     /// Runs `raftmq ctl --url http://ADMIN-of-`via` ARGS...`: (success, stdout + stderr).
@@ -301,6 +330,10 @@ impl Cluster {
 
     /// Starts node `id` (its log is appended to, so a restart keeps the history).
     pub fn spawn(&mut self, id: u64) {
+        let filter = self
+            .log_filter
+            .clone()
+            .unwrap_or_else(|| std::env::var("RAFTMQ_TEST_LOG").unwrap_or_else(|_| "info".into()));
         let n = self.node_mut(id);
         assert!(!n.running(), "node {id} is already running");
         let log = match std::fs::OpenOptions::new().create(true).append(true).open(&n.log) {
@@ -315,7 +348,7 @@ impl Cluster {
             .arg("serve")
             .arg("--config")
             .arg(&n.config)
-            .env("RUST_LOG", std::env::var("RAFTMQ_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .env("RUST_LOG", filter)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log)
@@ -340,6 +373,26 @@ impl Cluster {
         if let Some(mut c) = n.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM (graceful stop), then waits for the process to exit, at most
+    /// `timeout`; returns its exit status. Panics if it is still running then.
+    pub async fn sigterm(&mut self, id: u64, timeout: Duration) -> std::process::ExitStatus {
+        self.signal(id, "-TERM");
+        let deadline = Instant::now() + timeout;
+        loop {
+            let n = self.node_mut(id);
+            if let Some(c) = n.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    n.child = None;
+                    return status;
+                }
+            }
+            if Instant::now() > deadline {
+                panic!("node {id} still running {timeout:?} after SIGTERM");
+            }
+            tokio::time::sleep(POLL).await;
         }
     }
 

@@ -439,6 +439,11 @@ impl Client {
         }
     }
 
+    /// This client's own address (what a proxy in between reports as the client).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.stream.local_addr().ok()
+    }
+
     pub async fn send(&mut self, bytes: &[u8]) -> Res<()> {
         self.stream.write_all(bytes).await.map_err(|e| format!("write: {e}"))
     }

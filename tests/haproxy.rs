@@ -1,0 +1,377 @@
+//! raftmq as users run it: a real HAProxy (Debian's) in front of real
+//! raftmq nodes, configured by the shipped haproxy/full-sync.cfg (only
+//! addresses and ports substituted, tests/lb). Clients know only HAProxy's
+//! address. Checked: the PROXY protocol (v1 and v2) carries the client's
+//! address to the broker; clients keep working when the leader is killed
+//! (the time from kill -9 to the first PUBACK through HAProxy is printed),
+//! when leadership is moved with `raftmq ctl leader pin`, and during a
+//! rolling restart with SIGTERM (one reconnect per client per restart of
+//! the leader); in every case no acknowledged QoS 1 message is lost for a
+//! persistent subscriber connected through HAProxy.
+
+mod cluster;
+mod lb;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::time::Instant;
+
+use cluster::mqtt::{self, Client, Conn, Pkt, Pub};
+use cluster::{wait_for, Cluster, Opts};
+use lb::{Backend, Haproxy};
+
+const TOPIC: &str = "ha/t";
+const SUB_ID: &str = "ha-sub";
+const PUB_ID: &str = "ha-pub";
+
+fn backends(c: &Cluster) -> Vec<Backend> {
+    c.nodes.iter().map(|n| Backend { mqtt: n.mqtt, admin: n.admin }).collect()
+}
+
+/// Connects through the load balancer until a CONNACK 0 (a follower's 0x9C,
+/// a refused or cut connection: try again), at most 30 s.
+async fn connect_via(lb: SocketAddr, conn: &Conn) -> Result<(Client, bool), String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        match Client::connect(lb, conn, Duration::from_secs(3)).await {
+            Ok((cl, Pkt::ConnAck { code: 0, session_present, .. })) => return Ok((cl, session_present)),
+            Ok((_, other)) => last = format!("{other:?}"),
+            Err(e) => last = e,
+        }
+        tokio::time::sleep(cluster::POLL).await;
+    }
+    Err(format!("{}: no connection through {lb} within 30 s: {last}", conn.client_id))
+}
+
+/// One acknowledged publish.
+#[derive(Clone, Copy, Debug)]
+struct Ack {
+    seq: u64,
+    sent: Instant,
+    acked: Instant,
+}
+
+/// A QoS 1 publisher and a persistent QoS 1 subscriber, both connected
+/// through HAProxy and reconnecting through it whenever their connection
+/// ends. Each counts its successful connections.
+struct Traffic {
+    stop_pub: Arc<AtomicBool>,
+    stop_sub: Arc<AtomicBool>,
+    acks: Arc<Mutex<Vec<Ack>>>,
+    received: Arc<Mutex<BTreeSet<u64>>>,
+    pub_conns: Arc<AtomicU64>,
+    sub_conns: Arc<AtomicU64>,
+    errors: Arc<Mutex<Vec<String>>>,
+    publisher: tokio::task::JoinHandle<()>,
+    subscriber: tokio::task::JoinHandle<()>,
+}
+
+struct Outcome {
+    acked: usize,
+    missing: Vec<u64>,
+    pub_conns: u64,
+    sub_conns: u64,
+    errors: Vec<String>,
+}
+
+impl Traffic {
+    async fn start(lb: SocketAddr) -> Traffic {
+        let stop_pub = Arc::new(AtomicBool::new(false));
+        let stop_sub = Arc::new(AtomicBool::new(false));
+        let acks = Arc::new(Mutex::new(Vec::new()));
+        let received = Arc::new(Mutex::new(BTreeSet::new()));
+        let pub_conns = Arc::new(AtomicU64::new(0));
+        let sub_conns = Arc::new(AtomicU64::new(0));
+        let errors = Arc::new(Mutex::new(Vec::new()));
+
+        // The subscriber's session exists before the first publish.
+        let sub_conn = Conn::v5(SUB_ID).expiry(600);
+        let (mut sub, _) = match connect_via(lb, &sub_conn).await {
+            Ok(c) => c,
+            Err(e) => panic!("{e}"),
+        };
+        match sub.subscribe(1, "ha/#", 1, Duration::from_secs(10)).await {
+            Ok((codes, _)) => assert_eq!(codes, vec![1], "SUBACK"),
+            Err(e) => panic!("subscribe: {e}"),
+        }
+        sub_conns.fetch_add(1, Ordering::SeqCst);
+
+        let subscriber = {
+            let (stop, received, conns, errors) =
+                (stop_sub.clone(), received.clone(), sub_conns.clone(), errors.clone());
+            tokio::spawn(async move {
+                let resume = Conn::v5(SUB_ID).clean(false).expiry(600);
+                let mut cl = Some(sub);
+                while !stop.load(Ordering::SeqCst) {
+                    let Some(c) = cl.as_mut() else {
+                        match connect_via(lb, &resume).await {
+                            Ok((c, present)) => {
+                                conns.fetch_add(1, Ordering::SeqCst);
+                                if !present {
+                                    errors.lock().push("subscriber's session was lost".into());
+                                }
+                                cl = Some(c);
+                            }
+                            Err(e) => {
+                                errors.lock().push(e);
+                                return;
+                            }
+                        }
+                        continue;
+                    };
+                    match c.recv(Duration::from_millis(200)).await {
+                        Ok(Some(Pkt::Publish(p))) => {
+                            if let Some(pid) = p.pid {
+                                if c.send(&mqtt::puback(pid)).await.is_err() {
+                                    cl = None;
+                                    continue;
+                                }
+                            }
+                            if let Ok(seq) = String::from_utf8_lossy(&p.payload).parse::<u64>() {
+                                received.lock().insert(seq);
+                            }
+                        }
+                        Ok(Some(Pkt::Disconnect { .. })) | Err(_) => cl = None,
+                        Ok(_) => {}
+                    }
+                }
+            })
+        };
+
+        let publisher = {
+            let (stop, acks, conns, errors) =
+                (stop_pub.clone(), acks.clone(), pub_conns.clone(), errors.clone());
+            tokio::spawn(async move {
+                let conn = Conn::v5(PUB_ID);
+                let mut seq = 0u64;
+                let mut tick = tokio::time::interval(Duration::from_millis(10));
+                while !stop.load(Ordering::SeqCst) {
+                    let mut cl = match connect_via(lb, &conn).await {
+                        Ok((c, _)) => c,
+                        Err(e) => {
+                            errors.lock().push(e);
+                            return;
+                        }
+                    };
+                    conns.fetch_add(1, Ordering::SeqCst);
+                    while !stop.load(Ordering::SeqCst) {
+                        tick.tick().await;
+                        seq += 1;
+                        let p = Pub::new(TOPIC, seq.to_string().as_bytes(), 1, (seq % 60_000) as u16 + 1);
+                        let sent = Instant::now();
+                        match cl.publish_acked(&p, Duration::from_secs(3)).await {
+                            Ok(()) => acks.lock().push(Ack { seq, sent, acked: Instant::now() }),
+                            Err(_) => break,
+                        }
+                    }
+                }
+            })
+        };
+        Traffic { stop_pub, stop_sub, acks, received, pub_conns, sub_conns, errors, publisher, subscriber }
+    }
+
+    fn acked(&self) -> usize {
+        self.acks.lock().len()
+    }
+
+    /// Waits until `n` more publishes than now are acknowledged.
+    async fn more_acks(&self, n: usize, what: &str) {
+        let target = self.acked() + n;
+        let acks = self.acks.clone();
+        let errors = self.errors.clone();
+        wait_for(what, Duration::from_secs(30), || {
+            let done = acks.lock().len() >= target;
+            let errs = errors.lock().clone();
+            async move {
+                assert!(errs.is_empty(), "client errors: {errs:?}");
+                done.then_some(())
+            }
+        })
+        .await;
+    }
+
+    /// The first publish sent at or after `t` that was acknowledged.
+    fn first_ack_sent_after(&self, t: Instant) -> Option<Ack> {
+        self.acks.lock().iter().find(|a| a.sent >= t).copied()
+    }
+
+    /// Stops publishing, waits (bounded) until the subscriber has every
+    /// acknowledged message, then stops it.
+    async fn finish(self) -> Outcome {
+        self.stop_pub.store(true, Ordering::SeqCst);
+        let _ = self.publisher.await;
+        let acked: BTreeSet<u64> = self.acks.lock().iter().map(|a| a.seq).collect();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let missing = acked.difference(&self.received.lock()).count();
+            if missing == 0 || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(cluster::POLL).await;
+        }
+        self.stop_sub.store(true, Ordering::SeqCst);
+        let _ = self.subscriber.await;
+        let missing = acked.difference(&self.received.lock()).copied().collect();
+        Outcome {
+            acked: acked.len(),
+            missing,
+            pub_conns: self.pub_conns.load(Ordering::SeqCst),
+            sub_conns: self.sub_conns.load(Ordering::SeqCst),
+            errors: self.errors.lock().clone(),
+        }
+    }
+}
+
+fn assert_nothing_lost(o: &Outcome) {
+    assert!(o.errors.is_empty(), "client errors: {:?}", o.errors);
+    assert!(o.acked > 0, "nothing was acknowledged");
+    assert!(
+        o.missing.is_empty(),
+        "{} of {} acknowledged messages never reached the persistent subscriber: {:?}",
+        o.missing.len(),
+        o.acked,
+        &o.missing[..o.missing.len().min(20)]
+    );
+}
+
+// ------------------------------------------------------------ PROXY protocol
+
+/// Waits until the node's log has a line with all of `parts`.
+async fn log_has(c: &Cluster, id: u64, parts: &[String]) {
+    let log = c.node(id).log_text();
+    let found = || {
+        let text = c.node(id).log_text();
+        text.lines().any(|l| parts.iter().all(|p| l.contains(p.as_str())))
+    };
+    if !found() {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !found() {
+            assert!(Instant::now() < deadline, "node {id} never logged {parts:?}; log:\n{log}");
+            tokio::time::sleep(cluster::POLL).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn haproxy_send_proxy_v1_and_v2_give_the_broker_the_client_address() {
+    let c = Cluster::start(
+        &Opts::three()
+            .nodes(1)
+            .listener("proxy_protocol = true")
+            .log("info,raftmq::broker::connection=debug,raftmq::listener=debug"),
+    )
+    .await;
+    c.leader(Duration::from_secs(20)).await;
+    for opt in ["send-proxy-v2", "send-proxy"] {
+        let h = Haproxy::full_sync(&backends(&c), opt).await;
+        let id = format!("pp-{opt}");
+        let (cl, _) = match connect_via(h.mqtt, &Conn::v5(&id)).await {
+            Ok(x) => x,
+            Err(e) => panic!("{e}\nhaproxy log:\n{}", h.log_text()),
+        };
+        let me = cl.local_addr().expect("local address");
+        // The broker saw this client's own address and port, not HAProxy's
+        // outgoing connection.
+        log_has(&c, 1, &[format!("client_id={id}"), format!("peer={me}")]).await;
+        cl.disconnect().await;
+    }
+    // HAProxy without the PROXY protocol in front of a listener that wants it:
+    // the node refuses the connection and says why.
+    let h = Haproxy::full_sync(&backends(&c), "").await;
+    match Client::connect(h.mqtt, &Conn::v5("no-header"), Duration::from_secs(5)).await {
+        Err(_) => {}
+        Ok((_, p)) => panic!("a connection without PROXY header got {p:?}"),
+    }
+    log_has(&c, 1, &["closing connection: bad PROXY protocol header".to_string()]).await;
+}
+
+// ------------------------------------------------------------ failover
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_of_the_leader_behind_haproxy_loses_no_acknowledged_message() {
+    let mut c = Cluster::start(&Opts::three()).await;
+    c.settled(&[1, 2, 3], Duration::from_secs(20)).await;
+    let h = Haproxy::full_sync(&backends(&c), "").await;
+    let t = Traffic::start(h.mqtt).await;
+    t.more_acks(20, "publishes through haproxy").await;
+
+    let leader = c.leader(Duration::from_secs(10)).await;
+    let killed_at = Instant::now();
+    c.kill9(leader);
+    let dead = Instant::now();
+    t.more_acks(20, "publishes through haproxy after the kill").await;
+    let first = t.first_ack_sent_after(dead).expect("an ack after the kill");
+    let failover = first.acked - killed_at;
+    println!("kill -9 of leader {leader} -> first PUBACK through haproxy: {} ms", failover.as_millis());
+
+    // The killed node comes back as a follower and nothing changes for clients.
+    c.restart(leader).await;
+    c.settled(&[1, 2, 3], Duration::from_secs(20)).await;
+    t.more_acks(10, "publishes after the restart").await;
+    let o = t.finish().await;
+    assert_nothing_lost(&o);
+    assert_eq!((o.pub_conns, o.sub_conns), (2, 2), "one reconnect per client");
+    assert!(failover < Duration::from_secs(5), "failover took {failover:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_pin_moves_leadership_and_clients_follow_through_haproxy() {
+    let c = Cluster::start(&Opts::three()).await;
+    c.settled(&[1, 2, 3], Duration::from_secs(20)).await;
+    let h = Haproxy::full_sync(&backends(&c), "").await;
+    let t = Traffic::start(h.mqtt).await;
+    t.more_acks(20, "publishes through haproxy").await;
+
+    let leader = c.leader(Duration::from_secs(10)).await;
+    let to = leader % 3 + 1;
+    let (ok, out) = c.ctl_async(leader, &["leader", "pin", &to.to_string()]).await;
+    assert!(ok, "raftmq ctl leader pin {to}: {out}");
+    c.wait_leader_is(to, Duration::from_secs(20)).await;
+    let moved = Instant::now();
+    t.more_acks(20, "publishes through haproxy after the move").await;
+    assert!(t.first_ack_sent_after(moved).is_some());
+    let o = t.finish().await;
+    assert_nothing_lost(&o);
+    assert_eq!((o.pub_conns, o.sub_conns), (2, 2), "one reconnect per client");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_restart_with_sigterm_costs_one_reconnect_per_leader_restart() {
+    let mut c = Cluster::start(&Opts::three()).await;
+    c.settled(&[1, 2, 3], Duration::from_secs(20)).await;
+    let h = Haproxy::full_sync(&backends(&c), "").await;
+    let t = Traffic::start(h.mqtt).await;
+    t.more_acks(20, "publishes through haproxy").await;
+
+    let mut leader_restarts = 0;
+    for id in [1u64, 2, 3] {
+        let was_leader = c.leader(Duration::from_secs(10)).await == id;
+        let status = c.sigterm(id, Duration::from_secs(15)).await;
+        assert!(status.success(), "node {id} exited with {status} after SIGTERM");
+        if was_leader {
+            leader_restarts += 1;
+            let log = c.node(id).log_text();
+            assert!(log.contains("leadership handed over"), "node {id} did not hand over:\n{log}");
+        }
+        let others: Vec<u64> = [1, 2, 3].into_iter().filter(|&n| n != id).collect();
+        c.leader_among(&others, Duration::from_secs(10)).await;
+        t.more_acks(10, &format!("publishes while node {id} is down")).await;
+        c.restart(id).await;
+        c.settled(&[1, 2, 3], Duration::from_secs(20)).await;
+        t.more_acks(10, &format!("publishes after node {id} is back")).await;
+    }
+    let o = t.finish().await;
+    assert_nothing_lost(&o);
+    assert!(leader_restarts >= 1);
+    assert_eq!(
+        (o.pub_conns, o.sub_conns),
+        (1 + leader_restarts, 1 + leader_restarts),
+        "one reconnect per client per restart of the leader ({leader_restarts})"
+    );
+}
