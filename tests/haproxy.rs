@@ -7,9 +7,13 @@
 //! when leadership is moved with `raftmq ctl leader pin`, and during a
 //! rolling restart with SIGTERM (one reconnect per client per restart of
 //! the leader); in every case no acknowledged QoS 1 message is lost for a
-//! persistent subscriber connected through HAProxy.
+//! persistent subscriber connected through HAProxy. The same in Docker
+//! containers (nodes built from our binary, private networks), with a
+//! partition of the leader; like tests/cluster_docker.rs it is skipped, with
+//! a SKIPPED line, only when `docker info` fails.
 
 mod cluster;
+mod docker;
 mod lb;
 
 use std::collections::BTreeSet;
@@ -176,6 +180,11 @@ impl Traffic {
         Traffic { stop_pub, stop_sub, acks, received, pub_conns, sub_conns, errors, publisher, subscriber }
     }
 
+    /// (publisher, subscriber) connections so far.
+    fn conns(&self) -> (u64, u64) {
+        (self.pub_conns.load(Ordering::SeqCst), self.sub_conns.load(Ordering::SeqCst))
+    }
+
     fn acked(&self) -> usize {
         self.acks.lock().len()
     }
@@ -194,6 +203,8 @@ impl Traffic {
             }
         })
         .await;
+        // Shown when the test fails: which phase cost a reconnect.
+        eprintln!("{what}: done; connections (publisher, subscriber) so far {:?}", self.conns());
     }
 
     /// The first publish sent at or after `t` that was acknowledged.
@@ -374,4 +385,77 @@ async fn rolling_restart_with_sigterm_costs_one_reconnect_per_leader_restart() {
         (1 + leader_restarts, 1 + leader_restarts),
         "one reconnect per client per restart of the leader ({leader_restarts})"
     );
+}
+
+// ------------------------------------------------------------ in containers
+
+/// The same clients and HAProxy (on the host, shipped configuration) in front
+/// of three nodes in containers built from our binary, on private Docker
+/// networks: the leader is cut off from its peers (`docker network
+/// disconnect` of the cluster network; HAProxy still reaches it, as a load
+/// balancer on another network would), then healed, then the new leader's
+/// container is killed (SIGKILL) and started again. Clients keep working,
+/// each reconnecting once per event, and no acknowledged message is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_docker_partition_and_kill_of_the_leader_behind_haproxy() {
+    if !docker::available() {
+        return;
+    }
+    let mut env = docker::Env::new();
+    docker::build_image(&mut env);
+    let image = env.image.clone().unwrap_or_default();
+    let (cnet, nodes) = docker::start_three(&mut env, &image, 250);
+    let ep = cluster::Endpoints {
+        nodes: nodes
+            .iter()
+            .map(|&(id, _, aip)| (id, SocketAddr::new(aip, 1883), SocketAddr::new(aip, 8080)))
+            .collect(),
+    };
+    let all = [1u64, 2, 3];
+    ep.settled(&all, Duration::from_secs(30)).await;
+    let backends: Vec<Backend> = ep.nodes.iter().map(|&(_, mqtt, admin)| Backend { mqtt, admin }).collect();
+    let h = Haproxy::full_sync(&backends, "").await;
+    let t = Traffic::start(h.mqtt).await;
+    t.more_acks(20, "publishes through haproxy").await;
+
+    // Partition the leader from its peers.
+    let l1 = ep.leader(Duration::from_secs(10)).await;
+    let l1_name = env.containers[l1 as usize - 1].clone();
+    let cut_at = Instant::now();
+    docker::must(docker::docker(&["network", "disconnect", &cnet, &l1_name]));
+    let cut = Instant::now();
+    t.more_acks(20, "publishes after the partition").await;
+    let first = t.first_ack_sent_after(cut).expect("an ack after the cut");
+    println!(
+        "docker: partition of leader {l1} -> first PUBACK through haproxy: {} ms",
+        (first.acked - cut_at).as_millis()
+    );
+    let others: Vec<u64> = all.iter().copied().filter(|&i| i != l1).collect();
+    let l2 = ep.leader_among(&others, Duration::from_secs(10)).await;
+
+    // Heal; the old leader rejoins as a follower.
+    let l1_ip = nodes[l1 as usize - 1].1.to_string();
+    docker::must(docker::docker(&["network", "connect", "--ip", &l1_ip, &cnet, &l1_name]));
+    ep.settled(&all, Duration::from_secs(30)).await;
+    assert_eq!(ep.leader(Duration::from_secs(10)).await, l2, "the healed node took leadership back");
+    t.more_acks(10, "publishes after the heal").await;
+
+    // kill -9 of the new leader's container, then start it again.
+    let l2_name = env.containers[l2 as usize - 1].clone();
+    let kill_at = Instant::now();
+    docker::must(docker::docker(&["kill", "--signal", "KILL", &l2_name]));
+    let killed = Instant::now();
+    t.more_acks(20, "publishes after the kill").await;
+    let first = t.first_ack_sent_after(killed).expect("an ack after the kill");
+    println!(
+        "docker: kill -9 of leader {l2} -> first PUBACK through haproxy: {} ms",
+        (first.acked - kill_at).as_millis()
+    );
+    docker::must(docker::docker(&["start", &l2_name]));
+    ep.settled(&all, Duration::from_secs(30)).await;
+    t.more_acks(10, "publishes after the restart").await;
+
+    let o = t.finish().await;
+    assert_nothing_lost(&o);
+    assert_eq!((o.pub_conns, o.sub_conns), (3, 3), "one reconnect per client per leader change");
 }
