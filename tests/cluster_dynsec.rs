@@ -53,6 +53,8 @@ async fn alice_pub(c: &Cluster, id: u64, password: &str, topic: &str) -> (i32, S
         "127.0.0.1",
         "-p",
         &port,
+        "-V",
+        "mqttv5",
         "-u",
         "alice",
         "-P",

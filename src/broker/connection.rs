@@ -1048,10 +1048,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
                 self.send_publish_ack(ack, failed);
             }
             Action::Control { ack, response } => {
-                let response = response.or_else(|| match reply {
+                let applied = match reply {
                     Some(Ok(a)) => a.dynsec_response,
                     _ => None,
-                });
+                };
+                let response = response.or(applied);
                 if let Some(payload) = response {
                     self.inner.publish_internal(control_response(payload), false, false);
                 }
