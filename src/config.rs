@@ -51,6 +51,8 @@ pub struct Config {
     pub admin: AdminConfig,
     /// Raft: this node's cluster listener, the static list of nodes, timings, TLS.
     pub cluster: ClusterConfig,
+    /// Dynamic security bootstrap (the first admin).
+    pub dynsec: crate::auth::DynsecConfig,
 }
 
 impl Default for Config {
@@ -63,6 +65,7 @@ impl Default for Config {
             admin: AdminConfig::default(),
             // No `nodes`: a single node, a Raft group of one (see node.rs).
             cluster: ClusterConfig { nodes: Vec::new(), ..ClusterConfig::default() },
+            dynsec: crate::auth::DynsecConfig::default(),
         }
     }
 }

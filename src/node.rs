@@ -38,7 +38,7 @@ use crate::broker::{Broker, EventRelay};
 use crate::config::Config;
 use crate::listener::{Listener, ListenerError};
 use crate::raft::{self, ClusterConfig, NodeInfo, RaftError, RaftNode};
-use crate::state::State;
+use crate::state::{pb, State};
 
 /// How long a single node waits to become the leader of its group of one
 /// before it accepts MQTT anyway (CONNECTs are refused until it serves).
@@ -145,6 +145,8 @@ impl Node {
             }
         }
 
+        let dynsec_init = config.dynsec.init_admin()?;
+
         let mut listeners = Vec::with_capacity(config.listeners.len());
         for cfg in &config.listeners {
             listeners.push(Listener::bind(cfg).await?);
@@ -164,6 +166,12 @@ impl Node {
             }];
         }
         let state = Arc::new(RwLock::new(State::new(config.mqtt.state_limits())));
+        // Dynamic security, once initialised, decides instead of the static rules.
+        let auth: Arc<dyn crate::auth::Authenticator> = Arc::new(crate::auth::DynsecAuthenticator::new(
+            auth,
+            state.read().dynsec_view(),
+            config.mqtt.allow_anonymous,
+        ));
         let relay = EventRelay::new();
         let raft = if single {
             RaftNode::start_single(&cluster, &config.data_dir, state.clone(), relay.sink()).await?
@@ -199,6 +207,9 @@ impl Node {
                 warn!(error = %e, "admin HTTP server stopped");
             }
         }));
+        if let Some((admin, password)) = dynsec_init {
+            tasks.push(tokio::spawn(bootstrap_dynsec(raft.clone(), admin, password, shutdown.clone())));
+        }
         if single && !broker.wait_serving(SINGLE_NODE_START).await {
             warn!("the single node does not serve yet; MQTT clients are refused until it does");
         }
@@ -300,6 +311,41 @@ impl Node {
         }
         if let Err(e) = self.raft.shutdown().await {
             warn!(error = %e, "raft shutdown");
+        }
+    }
+}
+
+/// `[dynsec] init_admin`: until the cluster has dynamic-security state, the
+/// leader proposes the first admin (only if still uninitialised, so nodes
+/// racing each other and restarts change nothing once it exists).
+async fn bootstrap_dynsec(raft: RaftNode, admin: String, password: String, stop: CancellationToken) {
+    use crate::dynsec::{Dynsec, PasswordHash};
+    let mut metrics = raft.subscribe();
+    let initial = Dynsec::initial(&admin, PasswordHash::new(password.as_bytes()));
+    loop {
+        if raft.dynsec().is_some() {
+            return;
+        }
+        if raft.is_leader() {
+            let cmd = pb::Command {
+                cmd: Some(pb::command::Cmd::DynsecSet(pb::DynsecSet {
+                    state: Some(initial.to_proto()),
+                    only_if_uninitialised: true,
+                })),
+            };
+            match raft.apply_command(cmd).await {
+                Ok(applied) if applied.existed.first() == Some(&false) => {
+                    info!(%admin, "dynamic security initialised from [dynsec] init_admin");
+                    return;
+                }
+                Ok(_) => return,
+                Err(e) => warn!(error = %e, "dynamic security bootstrap failed; retrying"),
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = metrics.changed() => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
     }
 }

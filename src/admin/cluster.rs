@@ -159,7 +159,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-fn err(status: StatusCode, msg: impl Into<String>) -> ApiError {
+pub(crate) fn err(status: StatusCode, msg: impl Into<String>) -> ApiError {
     ApiError(status, msg.into())
 }
 
@@ -183,7 +183,7 @@ impl From<RaftError> for ApiError {
 
 // ------------------------------------------------------------ forwarding
 
-fn raft_of(st: &ApiState) -> Result<Arc<RaftNode>, ApiError> {
+pub(crate) fn raft_of(st: &ApiState) -> Result<Arc<RaftNode>, ApiError> {
     st.raft.clone().ok_or_else(|| err(StatusCode::SERVICE_UNAVAILABLE, "this node runs no cluster"))
 }
 
@@ -247,7 +247,7 @@ async fn forward(
 }
 
 /// Runs `f` on the leader: here if this node leads, else forwarded.
-async fn on_leader<F, Fut>(
+pub(crate) async fn on_leader<F, Fut>(
     st: &ApiState,
     method: Method,
     uri: &Uri,
@@ -272,7 +272,7 @@ where
     result.unwrap_or_else(IntoResponse::into_response)
 }
 
-fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+pub(crate) fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| err(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")))
 }
 

@@ -11,6 +11,7 @@
 //! - `/api/v1/cluster...`: members, leader transfer and pinning ([`cluster`]),
 //!   served through the node's [`RaftNode`]; requests that need the leader are
 //!   forwarded to it;
+//! - `/api/v1/dynsec...`: dynamic-security init, import and export ([`dynsec`]);
 //!
 //! and the [`AdminView`] trait through which it reads the node.
 //!
@@ -21,6 +22,7 @@
 
 pub mod client;
 pub mod cluster;
+pub mod dynsec;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -198,7 +200,7 @@ pub fn router_with_cluster(
 /// The `/api/v1` routes (relative paths). Add later REST endpoints here: they get
 /// the token check from [`router`].
 fn api_routes() -> Router<ApiState> {
-    Router::new().route("/status", get(api_status)).merge(cluster::routes())
+    Router::new().route("/status", get(api_status)).merge(cluster::routes()).merge(dynsec::routes())
 }
 
 async fn require_token(State(token): State<Option<Arc<str>>>, request: Request, next: Next) -> Response {

@@ -6,10 +6,11 @@
 //! `password_file`, and the Mosquitto `mosquitto_passwd` password file format
 //! (see [`passwd`]).
 //!
-//! Must not touch: sockets, the broker's sessions or the replicated state. The
-//! dynamic-security issue will provide another [`Authenticator`] implementation;
-//! the broker only ever sees `Arc<dyn Authenticator>`.
+//! Must not touch: sockets, the broker's sessions or the replicated state
+//! (dynamic security is read through the lock-free view the state publishes;
+//! see [`dynsec`]). The broker only ever sees `Arc<dyn Authenticator>`.
 
+pub mod dynsec;
 pub mod passwd;
 
 use std::net::SocketAddr;
@@ -18,6 +19,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
+pub use dynsec::{DynsecAuthenticator, DynsecConfig};
 pub use passwd::{constant_time_eq, hash_password_pbkdf2, PasswordFile, PasswordHash};
 
 /// What the broker knows about a client when it asks [`Authenticator::authenticate`].
@@ -76,6 +78,11 @@ pub trait Authenticator: Send + Sync + 'static {
         true
     }
 
+    /// May this client unsubscribe from `filter`? Default: yes.
+    fn can_unsubscribe(&self, _client_id: &str, _username: Option<&str>, _filter: &str) -> bool {
+        true
+    }
+
     /// May a message on `topic` be delivered to this client? Default: yes.
     fn can_receive(&self, _client_id: &str, _username: Option<&str>, _topic: &str) -> bool {
         true
@@ -93,6 +100,8 @@ pub enum AuthError {
     },
     #[error("password file {path}, line {line}: {reason}")]
     BadLine { path: PathBuf, line: usize, reason: String },
+    #[error("{0}")]
+    Config(String),
 }
 
 /// The authentication keys of the `[mqtt]` section. No `deny_unknown_fields`: the

@@ -28,6 +28,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::auth::{AuthDecision, AuthRequest};
+use crate::dynsec;
 use crate::protocol::{
     self, reason, ConnAck, ConnAckProperties, Connect, Disconnect, LastWill, Packet, ProtocolVersion,
     PubResp, Publish, PublishProperties, QoS, RetainHandling, SubAck, Subscribe, SubscriptionOptions,
@@ -254,6 +255,14 @@ enum Action {
         retained: Vec<RetainReq>,
     },
     UnsubAck(UnsubAck),
+    /// A PUBLISH on `$CONTROL/...`: publish the dynamic-security response
+    /// (given, or from the applied DynsecControl), then acknowledge.
+    Control {
+        ack: Option<Packet>,
+        response: Option<Vec<u8>>,
+    },
+    /// Nothing to do once applied.
+    Nothing,
 }
 
 enum Stage {
@@ -612,6 +621,19 @@ fn will_to_pb(w: &LastWill) -> pb::Will {
     }
 }
 
+/// The dynamic-security response: QoS 0, not retained, from the broker.
+fn control_response(payload: Vec<u8>) -> Message {
+    Message {
+        topic: dynsec::RESPONSE_TOPIC.to_string(),
+        payload: bytes::Bytes::from(payload),
+        qos: QoS::AtMostOnce,
+        retain: false,
+        props: PublishProperties::default(),
+        expires_at_ms: 0,
+        publisher: 0,
+    }
+}
+
 fn will_message(w: &LastWill, now: u64) -> Message {
     let p = &w.properties;
     Message {
@@ -907,6 +929,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         if p.qos == QoS::ExactlyOnce {
             self.cold().in_qos2.insert(pid);
         }
+        if msg.topic.starts_with("$CONTROL/") {
+            return self.on_control(&msg, ack);
+        }
         if to_state {
             let cmd = publish_command(&msg, &self.client_id, route.shared_targets, qos2_state.then_some(pid));
             self.propose(cmd, Action::Publish { msg, targets: route.targets, ack })?;
@@ -914,6 +939,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             self.queue_action(Action::Publish { msg, targets: route.targets, ack });
         }
         Ok(())
+    }
+
+    /// A PUBLISH to `$CONTROL/...` (already allowed by the ACL): never routed
+    /// to subscribers. The dynamic-security request goes through the log
+    /// (passwords hashed first); its response is published once applied.
+    /// Other `$CONTROL` topics have no handler: acknowledged and dropped.
+    fn on_control(&mut self, msg: &Message, ack: Option<Packet>) -> Step {
+        if msg.topic != dynsec::CONTROL_TOPIC {
+            self.queue_action(Action::Control { ack, response: None });
+            return Ok(());
+        }
+        if self.inner.state.read().dynsec().is_none() {
+            let response = crate::state::unavailable_response(&msg.payload, crate::state::NOT_INITIALISED);
+            self.queue_action(Action::Control { ack, response: Some(response) });
+            return Ok(());
+        }
+        let request = dynsec::prepare_request(&msg.payload);
+        let cmd = pb::Command {
+            cmd: Some(pb::command::Cmd::DynsecControl(pb::DynsecControl { request: request.into() })),
+        };
+        self.propose(cmd, Action::Control { ack, response: None })
     }
 
     fn resolve_alias(&mut self, topic: String, alias: Option<u16>) -> Result<String, Close> {
@@ -972,6 +1018,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         Ok(())
     }
 
+    /// PUBACK/PUBREC to the publisher once its message is handled; an error
+    /// reason when the state command failed.
+    fn send_publish_ack(&mut self, ack: Option<Packet>, failed: bool) {
+        let Some(mut a) = ack else { return };
+        if let Packet::PubAck(r) | Packet::PubRec(r) = &mut a {
+            if failed {
+                r.reason_code = reason::UNSPECIFIED_ERROR;
+            }
+        }
+        let releases = matches!(a, Packet::PubAck(_)) || failed;
+        if failed {
+            if let Packet::PubRec(r) = &a {
+                self.cold().in_qos2.remove(&r.packet_id);
+            }
+        }
+        self.send(&a);
+        if releases {
+            self.in_unacked = self.in_unacked.saturating_sub(1);
+        }
+    }
+
     fn run_action(&mut self, action: Action, reply: Option<Reply>) {
         let failed = matches!(reply, Some(Err(_)));
         if let Some(Err(e)) = &reply {
@@ -980,24 +1047,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         match action {
             Action::Publish { msg, targets, ack } => {
                 self.inner.deliver(&msg, targets, false);
-                if let Some(mut a) = ack {
-                    if let Packet::PubAck(r) | Packet::PubRec(r) = &mut a {
-                        if failed {
-                            r.reason_code = reason::UNSPECIFIED_ERROR;
-                        }
-                    }
-                    let releases = matches!(a, Packet::PubAck(_)) || failed;
-                    if failed {
-                        if let Packet::PubRec(r) = &a {
-                            self.cold().in_qos2.remove(&r.packet_id);
-                        }
-                    }
-                    self.send(&a);
-                    if releases {
-                        self.in_unacked = self.in_unacked.saturating_sub(1);
-                    }
-                }
+                self.send_publish_ack(ack, failed);
             }
+            Action::Control { ack, response } => {
+                let applied = match reply {
+                    Some(Ok(a)) => a.dynsec_response,
+                    _ => None,
+                };
+                let response = response.or(applied);
+                if let Some(payload) = response {
+                    self.inner.publish_internal(control_response(payload), false, false);
+                }
+                self.send_publish_ack(ack, failed);
+            }
+            Action::Nothing => {}
             Action::Ack { packet, releases_quota } => {
                 self.send(&packet);
                 if releases_quota {
@@ -1268,7 +1331,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
 
     fn on_unsubscribe(&mut self, u: Unsubscribe) -> Step {
         let mut codes = Vec::with_capacity(u.filters.len());
+        let mut allowed_filters = Vec::with_capacity(u.filters.len());
         for f in &u.filters {
+            if !self.inner.auth.can_unsubscribe(&self.client_id, self.username(), f) {
+                // Denied: the subscription stays (MQTT 5 0x87).
+                codes.push(reason::NOT_AUTHORIZED);
+                continue;
+            }
+            allowed_filters.push(f.clone());
             let existed = self.inner.router.write().unsubscribe(&self.client_id, f);
             if existed {
                 Metrics::dec(&self.inner.metrics.subscriptions);
@@ -1277,14 +1347,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             codes.push(if existed { reason::SUCCESS } else { reason::NO_SUBSCRIPTION_EXISTED });
         }
         let ack = UnsubAck { packet_id: u.packet_id, reason_codes: codes, ..Default::default() };
-        if !self.managed {
+        if !self.managed || allowed_filters.is_empty() {
             self.queue_action(Action::UnsubAck(ack));
             return Ok(());
         }
         let cmd = pb::Command {
             cmd: Some(pb::command::Cmd::Unsubscribe(pb::Unsubscribe {
                 client_id: self.client_id.to_string(),
-                filters: u.filters,
+                filters: allowed_filters,
             })),
         };
         self.propose(cmd, Action::UnsubAck(ack))?;
@@ -1299,6 +1369,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         }
         if flags & flag::NOT_SERVING != 0 {
             return Err(Close::server(reason::USE_ANOTHER_SERVER, "not the leader"));
+        }
+        if flags & flag::KICK != 0 {
+            if self.managed {
+                self.drop_denied_subscriptions()?;
+            }
+            return Err(Close::server(reason::ADMINISTRATIVE_ACTION, "administrative action"));
         }
         if flags & flag::TAKEOVER != 0 {
             return Err(Close::server(reason::SESSION_TAKEN_OVER, "session taken over"));
@@ -1315,6 +1391,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         }
         self.pump_out();
         Ok(())
+    }
+
+    /// A kicked persistent session keeps only the subscriptions its new
+    /// rights still allow (Mosquitto re-checks them; CVE-2021-34434).
+    fn drop_denied_subscriptions(&mut self) -> Step {
+        let filters: Vec<String> = match self.inner.state.read().session(&self.client_id) {
+            Some(s) => s.subscriptions.keys().cloned().collect(),
+            None => return Ok(()),
+        };
+        let denied: Vec<String> = filters
+            .into_iter()
+            .filter(|f| !self.inner.auth.can_subscribe(&self.client_id, self.username(), f))
+            .collect();
+        if denied.is_empty() {
+            return Ok(());
+        }
+        for f in &denied {
+            if self.inner.router.write().unsubscribe(&self.client_id, f) {
+                Metrics::dec(&self.inner.metrics.subscriptions);
+            }
+            self.mailbox.remove_filter(f);
+        }
+        let cmd = pb::Command {
+            cmd: Some(pb::command::Cmd::Unsubscribe(pb::Unsubscribe {
+                client_id: self.client_id.to_string(),
+                filters: denied,
+            })),
+        };
+        self.propose(cmd, Action::Nothing)
     }
 
     fn window(&self) -> usize {
@@ -1474,6 +1579,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             }
             budget -= 1;
             let m = &e.delivery.message;
+            if !inner.auth.can_receive(&self.client_id, self.username(), &m.topic) {
+                // publishClientReceive denies it now: dropped as if acknowledged.
+                self.cold().state_sent.insert(pid, Sent::Done { msg: msg_key });
+                let kind = if e.delivery.qos == 2 { pb::AckKind::Pubcomp } else { pb::AckKind::Puback };
+                self.acks.push(pb::AckEntry {
+                    client_id: self.client_id.to_string(),
+                    packet_id: u32::from(pid),
+                    kind: kind as i32,
+                });
+                continue;
+            }
             let expiry = if m.expires_at_ms == 0 {
                 None
             } else if m.expires_at_ms <= now {
@@ -1531,7 +1647,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
 
     async fn finish(mut self: Box<Self>, close: Close) {
         let metrics = self.inner.metrics.clone();
-        let publish_will = !matches!(close, Close::Client { will: false });
+        // A kick by dynamic security ends the connection without its will.
+        let publish_will = !matches!(
+            close,
+            Close::Client { will: false } | Close::Server { reason: reason::ADMINISTRATIVE_ACTION, .. }
+        );
         // This node stopped serving: nothing it proposes can commit any more,
         // and the next leader ends the session (ResetConnections, wills). Drop
         // what was pending without acknowledging it.

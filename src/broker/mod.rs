@@ -361,6 +361,22 @@ impl Inner {
         self.deliver(&msg, route.targets, force_retain);
     }
 
+    /// Disconnects the clients a dynamic-security change names (Mosquitto's
+    /// "kick": DISCONNECT 0x98, no will).
+    fn kick(&self, kicks: &crate::dynsec::Kicks) {
+        let mailboxes: Vec<Arc<Mailbox>> = self.registry.lock().values().cloned().collect();
+        for mb in mailboxes {
+            if mb.attached() == 0 {
+                continue;
+            }
+            let hit = kicks.usernames.iter().any(|u| mb.username_is(Some(u)))
+                || (kicks.anonymous && mb.username_is(None));
+            if hit {
+                mb.signal(flag::KICK);
+            }
+        }
+    }
+
     fn on_events(self: &Arc<Self>, events: Vec<Event>) {
         for ev in events {
             match ev {
@@ -377,6 +393,7 @@ impl Inner {
                     let route = self.router.read().route(&msg, false);
                     self.deliver(&msg, route.targets, false);
                 }
+                Event::DynsecKick { kicks } => self.kick(&kicks),
                 Event::SessionEnded { client_id } => {
                     let mut reg = self.registry.lock();
                     let ended = match reg.get(client_id.as_str()) {

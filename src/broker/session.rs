@@ -72,6 +72,9 @@ pub(crate) mod flag {
     pub const STATE: u8 = 8;
     /// This node stopped serving (not the leader any more): close with 0x9C.
     pub const NOT_SERVING: u8 = 16;
+    /// Dynamic security changed this client's rights: close with 0x98
+    /// (administrative action), no will.
+    pub const KICK: u8 = 32;
 }
 
 /// Result of offering a delivery to a mailbox.
@@ -273,6 +276,12 @@ impl Mailbox {
 
     pub fn set_username(&self, username: Option<Box<str>>) {
         self.inner.lock().username = username;
+    }
+
+    /// Whether the attached connection's user name is `username`
+    /// (`None` = a client without a user name).
+    pub fn username_is(&self, username: Option<&str>) -> bool {
+        self.inner.lock().username.as_deref() == username
     }
 
     pub fn attached(&self) -> u64 {

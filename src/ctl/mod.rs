@@ -9,6 +9,8 @@
 //! Must not touch: anything but the HTTP API; it shares the JSON types of
 //! `admin::cluster` so both sides agree on the format.
 
+pub mod dynsec;
+
 use std::fmt::Write as _;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -25,7 +27,7 @@ use crate::admin::{Mode, NodeStatus, Role};
 /// Default admin URL (a node's default admin listener).
 pub const DEFAULT_URL: &str = "http://127.0.0.1:8080";
 /// Time allowed for most requests.
-const TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const TIMEOUT: Duration = Duration::from_secs(30);
 /// `add-node` waits for the new node to catch up (the server allows 60 s).
 const ADD_NODE_TIMEOUT: Duration = Duration::from_secs(150);
 
@@ -72,6 +74,10 @@ pub enum CtlCommand {
     /// Leadership: transfer, pin, unpin.
     #[command(subcommand)]
     Leader(LeaderCommand),
+    /// Dynamic security: init (first admin), import/export of Mosquitto's
+    /// dynamic-security.json. Day-to-day: `mosquitto_ctrl dynsec ...`.
+    #[command(subcommand)]
+    Dynsec(dynsec::DynsecCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -101,6 +107,9 @@ pub enum CtlError {
     Api { status: u16, message: String },
     #[error("unexpected answer from {url}: {message}")]
     BadResponse { url: String, message: String },
+    /// A problem on this side (input, files) before or after the request.
+    #[error("{0}")]
+    Local(String),
 }
 
 /// Runs one `ctl` command; prints the result or the error.
@@ -179,7 +188,7 @@ impl Api {
     }
 }
 
-fn json_body<T: serde::Serialize>(v: &T) -> Option<String> {
+pub(crate) fn json_body<T: serde::Serialize>(v: &T) -> Option<String> {
     serde_json::to_string(v).ok()
 }
 
@@ -243,6 +252,7 @@ pub async fn execute(args: &CtlArgs) -> Result<String, CtlError> {
             let (info, raw_body): (LeaderInfo, _) = api.call(method, path, body, TIMEOUT).await?;
             Ok(if args.json { raw(raw_body) } else { format_leader(cmd, &info) })
         }
+        CtlCommand::Dynsec(cmd) => dynsec::execute(&api, cmd, args.json).await,
     }
 }
 

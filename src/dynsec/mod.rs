@@ -14,6 +14,20 @@
 //! Must not touch: sockets, the broker, the Raft log. `state::State` holds a
 //! `Dynsec` and applies replicated commands to it; the broker asks it for
 //! decisions through the authenticator.
+//!
+//! Layout: `model` (the types and their ordering rules), `commands` (the
+//! control API and [`prepare_request`]), `acl` (the derived decision
+//! structure behind [`Dynsec::allowed`]), `hash` (PBKDF2), `file` (Mosquitto's
+//! JSON file, `dynsec init`, protobuf, merge), `json` (an order-keeping JSON
+//! value with cJSON's case-insensitive lookup).
+//!
+//! Passwords in prepared requests: [`prepare_request`] replaces every value of
+//! a `password` key (any case) of createClient, setClientPassword and
+//! modifyClient by `{"pbkdf2Sha512":B64,"salt":B64,"iterations":101,"empty":B}`
+//! when it was a string, and by `null` otherwise (so a client cannot pass a
+//! ready-made hash). Apply accepts only that object; a plain string reaching
+//! apply (a request that skipped prepare) is treated like a non-string
+//! password ("Invalid/missing password"; ignored by modifyClient).
 
 pub mod pb {
     //! Generated from proto/dynsec.proto.
@@ -21,7 +35,20 @@ pub mod pb {
     include!(concat!(env!("OUT_DIR"), "/raftmq.dynsec.rs"));
 }
 
-use std::collections::BTreeSet;
+mod acl;
+mod commands;
+mod file;
+mod hash;
+mod json;
+pub mod model;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+pub use hash::{HASH_LEN, ITERATIONS, SALT_LEN};
+pub use model::{Acl, AclType, Client, DefaultAccess, Group, Role};
 
 /// The request topic of the control API.
 pub const CONTROL_TOPIC: &str = "$CONTROL/dynamic-security/v1";
@@ -50,24 +77,12 @@ pub enum DynsecError {
 }
 
 /// A stored password: PBKDF2-HMAC-SHA512, 64-byte hash, 12-byte salt.
+/// (`new`, `verify` and the Base64 helpers are in `hash.rs`.)
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PasswordHash {
     pub hash: Vec<u8>,
     pub salt: Vec<u8>,
     pub iterations: u32,
-}
-
-impl PasswordHash {
-    /// Hashes `password` with a fresh random salt and 101 iterations, as the
-    /// plugin does.
-    pub fn new(_password: &[u8]) -> PasswordHash {
-        todo!("dynsec helper")
-    }
-
-    /// Constant-time check of `password` against this hash.
-    pub fn verify(&self, _password: &[u8]) -> bool {
-        todo!("dynsec helper")
-    }
 }
 
 /// Who must be disconnected after a command (spec section 5).
@@ -90,57 +105,121 @@ pub struct ControlOutcome {
 }
 
 /// The dynamic-security state. See the module docs.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Dynsec {}
+///
+/// Invariants: every role/group name referenced by a client or group exists;
+/// `Group::clients` mirrors `Client::groups`; `compiled` is derived from the
+/// rest (rebuilt after every change, never serialized, not part of equality).
+#[derive(Debug, Clone, Default)]
+pub struct Dynsec {
+    clients: BTreeMap<String, Client>,
+    groups: BTreeMap<String, Group>,
+    roles: BTreeMap<String, Role>,
+    default_access: DefaultAccess,
+    anonymous_group: Option<String>,
+    compiled: Arc<acl::Compiled>,
+}
+
+impl PartialEq for Dynsec {
+    fn eq(&self, o: &Dynsec) -> bool {
+        self.clients == o.clients
+            && self.groups == o.groups
+            && self.roles == o.roles
+            && self.default_access == o.default_access
+            && self.anonymous_group == o.anonymous_group
+    }
+}
 
 impl Dynsec {
     /// What `mosquitto_ctrl dynsec init FILE admin` writes: the admin client
     /// with role `admin` and its ACLs, and the default access of init.
-    pub fn initial(_admin: &str, _password: PasswordHash) -> Dynsec {
-        todo!("dynsec helper")
+    pub fn initial(admin: &str, password: PasswordHash) -> Dynsec {
+        Dynsec::initial_impl(admin, password)
     }
 
     /// CONNECT of a client with a user name: enabled, client id binding, and
     /// password (in that order). `false` = MQTT 5 0x87 / 3.1.1 code 5.
-    pub fn authenticate(&self, _username: &str, _password: Option<&[u8]>, _client_id: &str) -> bool {
-        todo!("dynsec helper")
+    pub fn authenticate(&self, username: &str, password: Option<&[u8]>, client_id: &str) -> bool {
+        let Some(c) = self.clients.get(username) else { return false };
+        if c.disabled {
+            return false;
+        }
+        if c.clientid.as_deref().is_some_and(|id| id != client_id) {
+            return false;
+        }
+        match (&c.password, password) {
+            (Some(hash), Some(pw)) => hash.verify(pw),
+            _ => false, // no password set, or none given: cannot log in
+        }
     }
 
     /// The ACL decision for a client (`None` = anonymous) on `topic` (a topic
     /// name for publish types, a filter for subscribe/unsubscribe). Fast: it
     /// runs on every PUBLISH and every delivery.
-    pub fn allowed(&self, _username: Option<&str>, _access: Access, _topic: &str) -> bool {
-        todo!("dynsec helper")
+    pub fn allowed(&self, username: Option<&str>, access: Access, topic: &str) -> bool {
+        self.compiled.allowed(username, access, topic)
     }
 
     /// Applies one prepared control request (see [`prepare_request`]).
-    pub fn apply_control(&mut self, _prepared: &[u8]) -> ControlOutcome {
-        todo!("dynsec helper")
+    pub fn apply_control(&mut self, prepared: &[u8]) -> ControlOutcome {
+        self.apply_control_impl(prepared)
     }
 
     pub fn to_proto(&self) -> pb::DynsecState {
-        todo!("dynsec helper")
+        self.to_proto_impl()
     }
 
-    pub fn from_proto(_p: &pb::DynsecState) -> Result<Dynsec, DynsecError> {
-        todo!("dynsec helper")
+    pub fn from_proto(p: &pb::DynsecState) -> Result<Dynsec, DynsecError> {
+        Dynsec::from_proto_impl(p)
     }
 
     /// Reads Mosquitto's `dynamic-security.json` (hashes carried over).
-    pub fn from_mosquitto_json(_bytes: &[u8]) -> Result<Dynsec, DynsecError> {
-        todo!("dynsec helper")
+    pub fn from_mosquitto_json(bytes: &[u8]) -> Result<Dynsec, DynsecError> {
+        Dynsec::from_mosquitto_json_impl(bytes)
     }
 
     /// Writes Mosquitto's `dynamic-security.json`.
     pub fn to_mosquitto_json(&self) -> Vec<u8> {
-        todo!("dynsec helper")
+        self.to_mosquitto_json_impl()
     }
 
     /// Live restore (merge) of a backup: adds the clients, groups and roles of
     /// `other` that do not exist here; existing entries are kept unchanged.
-    /// Returns how many entries were added.
-    pub fn merge_keep_existing(&mut self, _other: &Dynsec) -> usize {
-        todo!("dynsec helper")
+    /// Returns how many entries were added. (Membership rules: see `file.rs`.)
+    pub fn merge_keep_existing(&mut self, other: &Dynsec) -> usize {
+        self.merge_impl(other)
+    }
+
+    /// Clients by user name.
+    pub fn clients(&self) -> &BTreeMap<String, Client> {
+        &self.clients
+    }
+
+    /// Groups by name.
+    pub fn groups(&self) -> &BTreeMap<String, Group> {
+        &self.groups
+    }
+
+    /// Roles by name.
+    pub fn roles(&self) -> &BTreeMap<String, Role> {
+        &self.roles
+    }
+
+    pub fn default_access(&self) -> DefaultAccess {
+        self.default_access
+    }
+
+    pub fn anonymous_group(&self) -> Option<&str> {
+        self.anonymous_group.as_deref()
+    }
+
+    /// Whether there is nothing configured (no clients, groups or roles).
+    pub fn is_empty(&self) -> bool {
+        self.clients.is_empty() && self.groups.is_empty() && self.roles.is_empty()
+    }
+
+    /// Recomputes the derived decision structure.
+    fn rebuild(&mut self) {
+        self.compiled = Arc::new(acl::Compiled::build(self));
     }
 }
 
@@ -148,6 +227,6 @@ impl Dynsec {
 /// is replicated and given to [`Dynsec::apply_control`]: every plaintext
 /// password is replaced by its hash (fresh random salt). Runs once, on the
 /// node that received the request; never inside apply.
-pub fn prepare_request(_payload: &[u8]) -> Vec<u8> {
-    todo!("dynsec helper")
+pub fn prepare_request(payload: &[u8]) -> Vec<u8> {
+    commands::prepare(payload)
 }

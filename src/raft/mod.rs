@@ -483,6 +483,25 @@ impl RaftNode {
         }
     }
 
+    /// Replicates one command stamped with this node's clock (admin
+    /// operations: pinning, dynamic-security init and import) and returns its
+    /// result once committed and applied here.
+    pub async fn apply_command(&self, cmd: state::pb::Command) -> Result<Applied, RaftError> {
+        use std::time::{SystemTime, UNIX_EPOCH};
+        let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        let batch = state::pb::Batch { now_ms, commands: vec![cmd] };
+        match self.propose(&batch).await?.pop() {
+            Some(Ok(applied)) => Ok(applied),
+            Some(Err(e)) => Err(RaftError::State(e)),
+            None => Err(RaftError::Other("no result for the command".into())),
+        }
+    }
+
+    /// The dynamic-security state this node has applied, if initialised.
+    pub fn dynsec(&self) -> Option<Arc<crate::dynsec::Dynsec>> {
+        self.state.read().dynsec()
+    }
+
     /// Hands one batch to Raft as one log entry and returns once Raft has
     /// queued it, with a future for its outcome (like [`RaftNode::propose_indexed`]).
     /// Entries submitted one after another (each `submit` awaited before the

@@ -17,7 +17,7 @@
 //! [`RaftNode::pin_leader`].
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use openraft::async_runtime::watch::WatchReceiver;
 use openraft::Instant as _;
@@ -100,17 +100,8 @@ impl RaftNode {
     /// resolves once committed and applied here. Must run on the leader
     /// ([`RaftError::ForwardToLeader`] otherwise).
     pub async fn pin_leader(&self, node_id: Option<NodeId>) -> Result<(), RaftError> {
-        let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
-        let batch = pb::Batch {
-            now_ms,
-            commands: vec![pb::Command { cmd: Some(pb::command::Cmd::PinLeader(pb::PinLeader { node_id })) }],
-        };
-        let mut results = self.propose(&batch).await?;
-        match results.pop() {
-            Some(Ok(_)) => Ok(()),
-            Some(Err(e)) => Err(RaftError::State(e)),
-            None => Err(RaftError::Other("no result for the PinLeader command".into())),
-        }
+        let cmd = pb::Command { cmd: Some(pb::command::Cmd::PinLeader(pb::PinLeader { node_id })) };
+        self.apply_command(cmd).await.map(drop)
     }
 }
 

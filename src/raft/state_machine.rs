@@ -166,9 +166,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Bytes) -> Result<(), io::Error> {
         let limits = *self.state.read().limits();
-        let restored = State::from_snapshot_bytes(&snapshot, limits)
+        let mut restored = State::from_snapshot_bytes(&snapshot, limits)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("snapshot state: {e}")))?;
-        *self.state.write() = restored;
+        {
+            let mut state = self.state.write();
+            // The authenticator holds the old State's dynsec view: keep it live.
+            restored.adopt_dynsec_view(state.dynsec_view());
+            *state = restored;
+        }
         self.last_applied = meta.last_log_id;
         self.last_membership = meta.last_membership.clone();
         save_in_background(self.snaps.clone(), meta.clone(), snapshot).await

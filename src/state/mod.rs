@@ -46,6 +46,7 @@ pub mod pb {
     include!(concat!(env!("OUT_DIR"), "/raftmq.state.rs"));
 }
 
+mod dynsec;
 mod session;
 mod snapshot;
 #[cfg(test)]
@@ -58,6 +59,7 @@ use prost::Message as _;
 use sha2::{Digest, Sha256};
 
 use crate::topic::{self, SubscriptionTree};
+pub use dynsec::{unavailable_response, DynsecView, NOT_INITIALISED};
 use session::message_expired;
 pub use session::{Delivery, InflightEntry, Session, SubOptions};
 
@@ -117,6 +119,8 @@ pub enum StateError {
     Decode(#[from] prost::DecodeError),
     #[error("invalid node id {0}")]
     InvalidNodeId(u64),
+    #[error("invalid dynamic-security state: {0}")]
+    InvalidDynsec(String),
 }
 
 /// What the broker learns from applying a command.
@@ -131,6 +135,9 @@ pub enum Event {
     Published { message: pb::Message },
     /// The session is gone (expired, removed, or closed with expiry 0).
     SessionEnded { client_id: String },
+    /// A dynamic-security change: these clients must be disconnected
+    /// (DISCONNECT 0x98, no will) wherever they are connected.
+    DynsecKick { kicks: crate::dynsec::Kicks },
 }
 
 /// Result of one command.
@@ -149,6 +156,8 @@ pub struct Applied {
     /// Publish: the incoming QoS 2 packet id was already recorded, so the
     /// message was not routed again.
     pub duplicate: bool,
+    /// DynsecControl: the response document for `$CONTROL/.../response`.
+    pub dynsec_response: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Clone)]
@@ -172,6 +181,8 @@ pub struct State {
     tree: SubscriptionTree<String, SubOptions>,
     /// Cluster settings (pinned leader, mode): replicated like everything else.
     cluster: pb::ClusterSettings,
+    /// Dynamic security (clients, groups, roles, ACLs); see dynsec.rs.
+    dynsec: DynsecView,
 }
 
 /// One matched session while routing, before copies are made.
@@ -222,6 +233,7 @@ impl State {
             retained_expiry: BTreeSet::new(),
             tree: SubscriptionTree::new(),
             cluster: pb::ClusterSettings::default(),
+            dynsec: DynsecView::default(),
         }
     }
 
@@ -284,6 +296,8 @@ impl State {
                 }
                 self.cluster.pinned_leader = c.node_id;
             }
+            Cmd::DynsecControl(c) => self.dynsec_control(c, &mut out),
+            Cmd::DynsecSet(c) => self.dynsec_set(c, &mut out)?,
         }
         Ok(out)
     }
@@ -703,6 +717,7 @@ impl State {
                 .map(|r| pb::RetainedMessage { message: Some((*r.message).clone()), set_at_ms: r.set_at_ms })
                 .collect(),
             cluster: Some(self.cluster),
+            dynsec: self.dynsec.load().as_ref().map(|d| d.to_proto()),
         }
     }
 

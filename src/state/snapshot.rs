@@ -106,6 +106,10 @@ pub(super) fn restore(snap: pb::Snapshot, limits: Limits) -> Result<State, State
         }
         st.cluster = c;
     }
+    if let Some(d) = &snap.dynsec {
+        let d = crate::dynsec::Dynsec::from_proto(d).map_err(|e| StateError::InvalidDynsec(e.to_string()))?;
+        st.dynsec.store(Some(Arc::new(d)));
+    }
     st.now_ms = snap.now_ms;
     st.sessions = sessions;
     st.tree = tree;

@@ -44,6 +44,9 @@ pub struct BrokerCfg {
     pub files: Vec<(String, Vec<u8>)>,
     /// The node's log filter (`RUST_LOG`), when not the default.
     pub log: Option<String>,
+    /// Lines for mosquitto.conf only (reference runs, see `against_mosquitto`);
+    /// `{dir}` is replaced by the broker's temp dir.
+    pub mosquitto: Vec<String>,
 }
 
 impl BrokerCfg {
@@ -64,6 +67,10 @@ impl BrokerCfg {
     }
     pub fn log(mut self, filter: &str) -> BrokerCfg {
         self.log = Some(filter.into());
+        self
+    }
+    pub fn mosquitto(mut self, line: &str) -> BrokerCfg {
+        self.mosquitto.push(line.to_string());
         self
     }
     pub fn file(mut self, name: &str, contents: &[u8]) -> BrokerCfg {
@@ -155,7 +162,11 @@ impl Broker {
         let log_err = log_file.try_clone().map_err(|e| e.to_string())?;
         let reference = against_mosquitto();
         let child = if reference {
-            let conf = mosquitto_conf(cfg, mqtt_port, &listeners);
+            let mut conf = mosquitto_conf(cfg, mqtt_port, &listeners);
+            for line in &cfg.mosquitto {
+                conf.push_str(&line.replace("{dir}", &dir.path().display().to_string()));
+                conf.push('\n');
+            }
             let conf_path = dir.path().join("mosquitto.conf");
             std::fs::write(&conf_path, &conf).map_err(|e| e.to_string())?;
             Command::new(mosquitto_tool("mosquitto"))
