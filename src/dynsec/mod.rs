@@ -36,6 +36,7 @@ pub mod pb {
 }
 
 mod acl;
+pub mod bench;
 mod commands;
 mod file;
 mod hash;

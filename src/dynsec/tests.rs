@@ -651,6 +651,19 @@ fn acl_subscribe_literal_then_covers() {
         ("+", "#", false),
         ("+/b", "a/b", true),
         ("a/b/c", "a/b", false),
+        // Observed on Mosquitto 2.0.11 (and its sub_acl_check): `#` and `/#`
+        // both reduce to one empty level.
+        ("/#", "#", true),
+        ("/#", "/", true),
+        ("/#", "+", false),
+        ("/+", "#", false),
+        ("a/+/#", "a/#", false),
+        ("+/+", "$SYS/x", true),
+        ("+/#", "$SYS/x", true),
+        ("a/b/#", "a/b/#", true),
+        ("+/+", "t/t/", false),
+        ("foo/+/bar/#", "foo/baz/+/#", false),
+        ("/+//#", "/foo///#", true),
     ] {
         assert_eq!(cov(&mut d, p, s), want, "{p} covers {s}");
     }
@@ -846,4 +859,23 @@ fn merge_adds_only_missing_entries() {
     assert_eq!(Dynsec::from_proto(&live.to_proto()).unwrap(), live, "merge keeps the invariants");
     assert_eq!(live.merge_keep_existing(&backup), 0);
     assert!(live.allowed(Some("newbie"), Access::PublishClientReceive, "x"));
+}
+
+#[test]
+fn synthetic_benchmark_configuration() {
+    let shape = bench::Synthetic { clients: 20, roles: 7, acls_per_role: 10, roles_per_client: 3 };
+    let mut d = Dynsec::default();
+    let out = d.apply_control(&prepare_request(&shape.request("pw")));
+    assert!(!String::from_utf8(out.response).unwrap().contains("error"));
+    assert_eq!((d.clients().len(), d.roles().len()), (20, 7));
+    assert_eq!(d.roles()["bench-role-0"].acls.len(), 10);
+    let u = bench::Synthetic::username(5);
+    assert!(d.authenticate(&u, Some(b"pw"), "x"));
+    assert!(d.allowed(Some(&u), Access::PublishClientSend, "bench/p2p/5"));
+    assert!(d.allowed(Some(&u), Access::PublishClientReceive, "bench/p2p/5"));
+    // Client 5 holds roles 5, 6, 0 (of 7); role 1 is not among them.
+    assert!(d.allowed(Some(&u), Access::PublishClientSend, "bench/r6/a0/x"));
+    assert!(!d.allowed(Some(&u), Access::PublishClientSend, "bench/r1/a0/x"));
+    let (_, allowed) = bench::time_allowed(&d, &u, Access::PublishClientSend, "bench/p2p/5", 10);
+    assert!(allowed);
 }
