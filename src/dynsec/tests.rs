@@ -544,6 +544,12 @@ fn authenticate_rules() {
     assert!(!d.authenticate("carol", Some(b"cpw"), "auto-123"));
     one(&mut d, r#"{"command":"disableClient","username":"alice"}"#);
     assert!(!d.authenticate("alice", Some(b"apw"), "anything"));
+    // createClient with "" stores the hash of "" (as 2.0.11 does), but an
+    // empty password is refused at CONNECT (observed with a raw CONNECT).
+    one(&mut d, r#"{"command":"createClient","username":"e","password":""}"#);
+    let h = d.clients()["e"].password.clone().unwrap();
+    assert!(h.verify(b""));
+    assert!(!d.authenticate("e", Some(b""), "x"));
 }
 
 // ---- ACL decisions ----------------------------------------------------
