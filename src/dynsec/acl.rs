@@ -6,7 +6,10 @@
 //! allocation. Never serialized: rebuilt on change and on load.
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
+
+use smallvec::SmallVec;
 
 use super::model::{by_priority, AclType, DefaultAccess, Role};
 use super::{Access, Dynsec};
@@ -17,9 +20,10 @@ enum Level {
     Plus,
 }
 
-/// A pattern split into levels, with a trailing `#` taken off.
+/// A topic filter of a publish ACL, split into levels for MQTT matching.
 #[derive(Debug, Clone)]
 struct Filter {
+    /// The levels before a trailing `#`.
     levels: Box<[Level]>,
     /// Ended in `#` (`a/#`), or is `#` itself (then `levels` is empty).
     hash: bool,
@@ -29,78 +33,98 @@ struct Filter {
     wild_first: bool,
 }
 
+fn split_levels(body: &str) -> Box<[Level]> {
+    body.split('/').map(|l| if l == "+" { Level::Plus } else { Level::Lit(l.into()) }).collect()
+}
+
+/// Mosquitto's `hash_check`: takes a trailing `#` or `/#` off. Note that
+/// `#` becomes the empty string, which still counts as one (empty) level.
+fn strip_hash(t: &str) -> (&str, bool) {
+    if t == "#" {
+        ("", true)
+    } else if let Some(b) = t.strip_suffix("/#") {
+        (b, true)
+    } else {
+        (t, false)
+    }
+}
+
 impl Filter {
     fn new(t: &str) -> Filter {
-        let (body, hash) = if t == "#" {
-            (None, true)
-        } else if let Some(b) = t.strip_suffix("/#") {
-            (Some(b), true)
-        } else {
-            (Some(t), false)
-        };
-        let levels: Box<[Level]> = match body {
-            None => Box::new([]),
-            Some(b) => {
-                b.split('/').map(|l| if l == "+" { Level::Plus } else { Level::Lit(l.into()) }).collect()
-            }
+        let (levels, hash) = match strip_hash(t) {
+            (_, true) if t == "#" => (Box::default(), true),
+            (body, hash) => (split_levels(body), hash),
         };
         let wild_first = t.starts_with('+') || t.starts_with('#');
         Filter { levels, hash, never: t.is_empty(), wild_first }
     }
 
     /// MQTT matching of a topic name (publish types).
-    fn matches_topic(&self, topic: &str) -> bool {
-        if self.never || (self.wild_first && topic.starts_with('$')) {
+    fn matches(&self, q: &Query) -> bool {
+        if self.never || (self.wild_first && q.dollar) {
             return false;
         }
-        let mut parts = topic.split('/');
-        for l in self.levels.iter() {
-            match (l, parts.next()) {
-                (_, None) => return false,
-                (Level::Plus, Some(_)) => {}
-                (Level::Lit(s), Some(p)) => {
-                    if **s != *p {
-                        return false;
-                    }
-                }
-            }
+        let n = self.levels.len();
+        // `a/#` also matches `a` itself, so `#` needs at least n levels.
+        if q.levels.len() < n || (!self.hash && q.levels.len() != n) {
+            return false;
         }
-        // `a/#` also matches `a` itself.
-        self.hash || parts.next().is_none()
+        self.levels.iter().zip(q.levels.iter()).all(|(l, t)| match l {
+            Level::Plus => true,
+            Level::Lit(s) => **s == **t,
+        })
+    }
+}
+
+/// A subscribe/unsubscribe pattern ACL, for the "covers" rule of section 4.2
+/// exactly as the plugin's `sub_acl_check` computes it.
+#[derive(Debug, Clone)]
+struct Pattern {
+    /// The pattern is exactly `#`: covers everything, `$` topics included.
+    all: bool,
+    /// Levels after [`strip_hash`] (at least one).
+    levels: Box<[Level]>,
+    hash: bool,
+}
+
+impl Pattern {
+    fn new(t: &str) -> Pattern {
+        let (body, hash) = strip_hash(t);
+        Pattern { all: t == "#", levels: split_levels(body), hash }
     }
 
-    /// Whether this pattern "covers" the requested filter (section 4.2).
-    fn covers(&self, requested: &str) -> bool {
-        if self.never {
+    fn covers(&self, q: &Query) -> bool {
+        if self.all {
+            return true;
+        }
+        if q.hash && !self.hash {
             return false;
         }
-        if self.hash && self.levels.is_empty() {
-            return true; // `#` covers everything, `$` topics included
-        }
-        let (body, s_hash) = if requested == "#" {
-            (None, true)
-        } else if let Some(b) = requested.strip_suffix("/#") {
-            (Some(b), true)
-        } else {
-            (Some(requested), false)
-        };
-        if s_hash && !self.hash {
+        let (p, n) = (self.levels.len(), q.levels.len());
+        if p > n || (n > p && !self.hash) {
             return false;
         }
-        let mut parts = body.map(|b| b.split('/'));
-        let mut next = || parts.as_mut().and_then(Iterator::next);
-        for l in self.levels.iter() {
-            match (l, next()) {
-                (_, None) => return false,
-                (Level::Plus, Some(_)) => {}
-                (Level::Lit(s), Some(p)) => {
-                    if **s != *p {
-                        return false;
-                    }
-                }
-            }
-        }
-        next().is_none() || self.hash
+        // Levels past the pattern's are covered by its `#` (checked above).
+        self.levels.iter().zip(q.levels.iter()).all(|(l, s)| match l {
+            Level::Plus => true,
+            Level::Lit(l) => **l == **s,
+        })
+    }
+}
+
+/// The topic (publish) or requested filter (subscribe), split once per check.
+struct Query<'a> {
+    raw: &'a str,
+    levels: SmallVec<[&'a str; 16]>,
+    /// Subscribe: the requested filter ended in `#` (taken off `levels`).
+    hash: bool,
+    dollar: bool,
+}
+
+impl<'a> Query<'a> {
+    fn new(idx: usize, raw: &'a str) -> Query<'a> {
+        let (body, hash) = if idx >= 2 { strip_hash(raw) } else { (raw, false) };
+        Query { raw, levels: body.split('/').collect(), hash, dollar: raw.starts_with('$') }
     }
 }
 
@@ -109,7 +133,7 @@ enum Entry {
     /// subscribeLiteral / unsubscribeLiteral: exact string comparison.
     Literal(Box<str>, bool),
     /// subscribePattern / unsubscribePattern: the covers rule.
-    Pattern(Filter, bool),
+    Pattern(Pattern, bool),
     /// publishClientSend / publishClientReceive: MQTT matching.
     Publish(Filter, bool),
 }
@@ -135,7 +159,7 @@ impl CompiledRole {
                     Entry::Literal(a.topic.as_str().into(), a.allow)
                 }
                 AclType::SubscribePattern | AclType::UnsubscribePattern => {
-                    Entry::Pattern(Filter::new(&a.topic), a.allow)
+                    Entry::Pattern(Pattern::new(&a.topic), a.allow)
                 }
             };
             lists[type_index(a.acltype)].push(e);
@@ -143,12 +167,12 @@ impl CompiledRole {
         CompiledRole { lists: lists.map(Vec::into_boxed_slice) }
     }
 
-    fn check(&self, idx: usize, topic: &str) -> Option<bool> {
+    fn check(&self, idx: usize, q: &Query) -> Option<bool> {
         for e in self.lists[idx].iter() {
             let (hit, allow) = match e {
-                Entry::Literal(t, allow) => (!t.is_empty() && **t == *topic, *allow),
-                Entry::Pattern(f, allow) => (f.covers(topic), *allow),
-                Entry::Publish(f, allow) => (f.matches_topic(topic), *allow),
+                Entry::Literal(t, allow) => (!t.is_empty() && **t == *q.raw, *allow),
+                Entry::Pattern(f, allow) => (f.covers(q), *allow),
+                Entry::Publish(f, allow) => (f.matches(q), *allow),
             };
             if hit {
                 return Some(allow);
@@ -178,10 +202,49 @@ pub(crate) fn access_index(a: Access) -> usize {
 
 type RoleChain = Box<[Arc<CompiledRole>]>;
 
+/// FxHash (rustc's): the user-name lookup runs on every message, and SipHash
+/// costs more than the rest of a typical check. Keys are user names the
+/// administrator created; a lookup cannot add entries, so there is no
+/// hash-flooding surface.
+#[derive(Default, Clone, Copy)]
+struct FxHasher(u64);
+
+impl FxHasher {
+    fn add(&mut self, w: u64) {
+        self.0 = (self.0.rotate_left(5) ^ w).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+impl Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(c);
+            self.add(u64::from_le_bytes(b));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut b = [0u8; 8];
+            b[..rest.len()].copy_from_slice(rest);
+            self.add(u64::from_le_bytes(b));
+        }
+    }
+    fn write_u8(&mut self, i: u8) {
+        self.add(i.into());
+    }
+    fn write_usize(&mut self, i: usize) {
+        self.add(i as u64);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
 /// The derived decision structure of a [`Dynsec`].
 #[derive(Default)]
 pub(crate) struct Compiled {
-    users: HashMap<Box<str>, RoleChain>,
+    users: HashMap<Box<str>, RoleChain, BuildHasherDefault<FxHasher>>,
     anonymous: RoleChain,
     defaults: DefaultAccess,
 }
@@ -205,7 +268,7 @@ impl Compiled {
                 }
             }
         };
-        let mut users = HashMap::with_capacity(d.clients.len());
+        let mut users = HashMap::with_capacity_and_hasher(d.clients.len(), Default::default());
         for (name, c) in &d.clients {
             let mut chain = Vec::new();
             // Client roles always come before any group role.
@@ -235,8 +298,9 @@ impl Compiled {
             None => &self.anonymous,
         };
         let idx = access_index(access);
+        let q = Query::new(idx, topic);
         for role in chain.iter() {
-            if let Some(allow) = role.check(idx, topic) {
+            if let Some(allow) = role.check(idx, &q) {
                 return allow;
             }
         }
