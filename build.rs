@@ -2,7 +2,7 @@
 //! (protox), so building raftmq needs no system `protoc`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/state.proto", "proto/raft.proto", "proto/dynsec.proto"];
+    let protos = ["proto/state.proto", "proto/raft.proto", "proto/dynsec.proto", "proto/backup.proto"];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

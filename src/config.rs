@@ -14,6 +14,7 @@ use figment::Figment;
 use serde::Deserialize;
 
 use crate::admin::AdminConfig;
+use crate::backup::BackupConfig;
 use crate::broker::BrokerConfig;
 use crate::listener::{ListenerConfig, ListenerKind};
 use crate::raft::ClusterConfig;
@@ -51,6 +52,8 @@ pub struct Config {
     pub admin: AdminConfig,
     /// Raft: this node's cluster listener, the static list of nodes, timings, TLS.
     pub cluster: ClusterConfig,
+    /// Backups: folder, schedule, retention.
+    pub backup: BackupConfig,
 }
 
 impl Default for Config {
@@ -63,6 +66,7 @@ impl Default for Config {
             admin: AdminConfig::default(),
             // No `nodes`: a single node, a Raft group of one (see node.rs).
             cluster: ClusterConfig { nodes: Vec::new(), ..ClusterConfig::default() },
+            backup: BackupConfig::default(),
         }
     }
 }

@@ -41,6 +41,21 @@ enum Command {
     /// Starts N real nodes on loopback (configurations under DIR) to try a
     /// cluster and failover; Ctrl-C stops them all.
     LocalCluster(raftmq::local_cluster::LocalClusterArgs),
+    /// Disaster recovery: reads the data folders of STOPPED nodes offline and
+    /// writes one backup (the newest state wins) to import with
+    /// `raftmq ctl backup restore FILE`. The folders are not modified.
+    Recover {
+        /// A stopped node's data folder (repeat for several nodes).
+        #[arg(long = "data-dir", value_name = "DIR", required = true)]
+        data_dirs: Vec<PathBuf>,
+        /// The backup file to write.
+        #[arg(long, short = 'o', value_name = "FILE")]
+        output: PathBuf,
+        /// The nodes' configuration file: its [mqtt] queue limits are used
+        /// while the log is replayed (default limits otherwise).
+        #[arg(long, short = 'c')]
+        config: Option<PathBuf>,
+    },
     /// Prints a password hash in mosquitto_passwd's `$7$` format, for password files.
     Passwd {
         /// User name of the line to print.
@@ -86,6 +101,7 @@ fn main() -> ExitCode {
         },
         Command::Ctl(args) => raftmq::ctl::run(args),
         Command::LocalCluster(args) => raftmq::local_cluster::run(args),
+        Command::Recover { data_dirs, output, config } => recover(&data_dirs, &output, config.as_deref()),
         Command::Passwd { username, password_stdin, password } => {
             let password = match (password, password_stdin) {
                 (Some(p), false) => p,
@@ -110,6 +126,48 @@ fn main() -> ExitCode {
                 )
             );
             ExitCode::SUCCESS
+        }
+    }
+}
+
+fn recover(dirs: &[PathBuf], output: &std::path::Path, config: Option<&std::path::Path>) -> ExitCode {
+    raftmq::node::init_logging();
+    if output.exists() {
+        eprintln!("raftmq recover: {} exists; choose another output file", output.display());
+        return ExitCode::from(2);
+    }
+    let config = match Config::load(config, &Overrides::default()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("raftmq recover: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("raftmq recover: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let limits = config.mqtt.state_limits();
+    let effective = raftmq::backup::effective_config(&config);
+    match runtime.block_on(raftmq::backup::recover::recover(dirs, output, limits, &effective)) {
+        Ok(m) => {
+            let count = |name: &str| m.parts.iter().find(|p| p.name == name).map(|p| p.records).unwrap_or(0);
+            println!(
+                "wrote {}: state at log index {} (term {}), {} sessions, {} retained messages",
+                output.display(),
+                m.log_index,
+                m.log_term,
+                count(raftmq::backup::format::PART_SESSIONS),
+                count(raftmq::backup::format::PART_RETAINED),
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("raftmq recover: {e}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -72,6 +72,9 @@ pub enum CtlCommand {
     /// Leadership: transfer, pin, unpin.
     #[command(subcommand)]
     Leader(LeaderCommand),
+    /// Backups: create, list, inspect, download, upload, restore, delete.
+    #[command(subcommand)]
+    Backup(crate::backup::cli::BackupCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -243,6 +246,7 @@ pub async fn execute(args: &CtlArgs) -> Result<String, CtlError> {
             let (info, raw_body): (LeaderInfo, _) = api.call(method, path, body, TIMEOUT).await?;
             Ok(if args.json { raw(raw_body) } else { format_leader(cmd, &info) })
         }
+        CtlCommand::Backup(cmd) => crate::backup::cli::execute(args, cmd).await,
     }
 }
 

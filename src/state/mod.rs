@@ -46,6 +46,7 @@ pub mod pb {
     include!(concat!(env!("OUT_DIR"), "/raftmq.state.rs"));
 }
 
+mod restore;
 mod session;
 mod snapshot;
 #[cfg(test)]
@@ -58,6 +59,10 @@ use prost::Message as _;
 use sha2::{Digest, Sha256};
 
 use crate::topic::{self, SubscriptionTree};
+pub use restore::{
+    content_digest_of_snapshot, for_each_field, SNAPSHOT_FIELD_CLUSTER, SNAPSHOT_FIELD_NOW,
+    SNAPSHOT_FIELD_RETAINED, SNAPSHOT_FIELD_SESSIONS,
+};
 use session::message_expired;
 pub use session::{Delivery, InflightEntry, Session, SubOptions};
 
@@ -117,6 +122,9 @@ pub enum StateError {
     Decode(#[from] prost::DecodeError),
     #[error("invalid node id {0}")]
     InvalidNodeId(u64),
+    /// The cluster-wide backup/restore lock is held by another job.
+    #[error("busy: {0}")]
+    Busy(String),
 }
 
 /// What the broker learns from applying a command.
@@ -131,6 +139,9 @@ pub enum Event {
     Published { message: pb::Message },
     /// The session is gone (expired, removed, or closed with expiry 0).
     SessionEnded { client_id: String },
+    /// A restore added these sessions or gave them subscriptions: the broker
+    /// registers them (and their subscriptions) on its fast path.
+    SessionsRestored { client_ids: Vec<String> },
 }
 
 /// Result of one command.
@@ -284,6 +295,11 @@ impl State {
                 }
                 self.cluster.pinned_leader = c.node_id;
             }
+            c @ (Cmd::JobLock(_)
+            | Cmd::JobRelease(_)
+            | Cmd::RestoreBegin(_)
+            | Cmd::RestoreChunk(_)
+            | Cmd::RestoreEnd(_)) => self.apply_backup_command(c, &mut out)?,
         }
         Ok(out)
     }
@@ -702,7 +718,7 @@ impl State {
                 .values()
                 .map(|r| pb::RetainedMessage { message: Some((*r.message).clone()), set_at_ms: r.set_at_ms })
                 .collect(),
-            cluster: Some(self.cluster),
+            cluster: Some(self.cluster.clone()),
         }
     }
 
