@@ -414,3 +414,62 @@ async fn backup_restore_replace_merge_and_bad_files() {
     let list = ctl(&a, a_leader, &["backup", "list"]).await;
     assert!(!list.contains(&bk2), "{list}");
 }
+
+async fn metric(c: &Cluster, id: u64, name: &str) -> Option<f64> {
+    let (_, body) = http_get(c.node(id).admin, "/metrics").await?;
+    body.lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+}
+
+/// Disaster recovery: with two of three nodes gone the survivor says so (log
+/// and metric); `raftmq recover` reads the stopped nodes' data folders
+/// offline into one backup that a fresh cluster restores (replace) to the
+/// same content.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_loss_warning_and_offline_recovery() {
+    let mut a = Cluster::start(&Opts::three()).await;
+    let leader = a.leader(WAIT).await;
+    for s in ["d1", "d2"] {
+        persistent_subscriber(&a, s, &format!("q/{s}/#"), false).await;
+    }
+    publish(&a, &[("q/d1/0", "x", false), ("q/d2/0", "y", false), ("r/d", "kept", true)]).await;
+    let before = digest(&a, leader).await.expect("digest").content_digest;
+    converged(&a, &before).await;
+    assert_eq!(metric(&a, leader, "raftmq_raft_quorum_reachable").await, Some(1.0));
+
+    // Lose the quorum: the survivor warns and reports 0.
+    let survivor = leader;
+    for id in a.ids().into_iter().filter(|&i| i != survivor) {
+        a.kill9(id);
+    }
+    wait_for("raftmq_raft_quorum_reachable 0 on the survivor", WAIT, || async {
+        (metric(&a, survivor, "raftmq_raft_quorum_reachable").await? == 0.0).then_some(())
+    })
+    .await;
+    let log = a.node(survivor).log_text();
+    assert!(log.contains("NO QUORUM REACHABLE"), "{log}");
+    a.kill9(survivor);
+
+    // Offline: the stopped nodes' folders -> one backup.
+    let work = tempfile::tempdir().expect("tempdir");
+    let out = work.path().join("recovered.tar.gz");
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_raftmq"));
+    cmd.arg("recover").arg("-o").arg(&out);
+    for id in a.ids() {
+        cmd.arg("--data-dir").arg(&a.node(id).data_dir);
+    }
+    let res = cmd.output().expect("spawn recover");
+    let text = format!("{}{}", String::from_utf8_lossy(&res.stdout), String::from_utf8_lossy(&res.stderr));
+    assert!(res.status.success(), "{text}");
+    assert!(text.contains("2 sessions, 1 retained messages"), "{text}");
+
+    // A fresh cluster (here one node) restores it and holds the same content.
+    let b = Cluster::start(&Opts { nodes: 1, ..Opts::three() }).await;
+    b.leader(WAIT).await;
+    let f = out.display().to_string();
+    ctl(&b, 1, &["backup", "restore", &f, "--mode", "replace"]).await;
+    converged(&b, &before).await;
+    let (mut cl, present) = connect(&b, &Conn::v5("d1").persistent().clean(false)).await;
+    assert!(present);
+    assert_eq!(receive(&mut cl, 1).await.get("q/d1/0").map(String::as_str), Some("x"));
+    cl.disconnect().await;
+}

@@ -3,7 +3,7 @@
 //! - [`recover`] (`raftmq recover --data-dir DIR... -o FILE`): reads the data
 //!   folders of stopped nodes offline (each node's sled log is copied to a
 //!   temporary folder first, so the originals are never written), rebuilds
-//!   each node's State from its snapshot plus its committed log entries, and
+//!   each node's State from its snapshot plus every entry of its log, and
 //!   writes one backup: the newest state (highest last applied log id) is
 //!   the base; older folders only add sessions the base lacks and retained
 //!   messages newer than the base's. Import it with `ctl backup restore`.
@@ -89,10 +89,18 @@ pub async fn read_data_dir(dir: &Path, limits: Limits, scratch: &Path) -> Result
     let result = async {
         let mut store =
             LogStore::open(&copy).map_err(|e| BackupError::Other(format!("{}: log: {e}", dir.display())))?;
-        let committed = store.read_committed().await?.map(|l| l.index);
+        // Every entry in the log, not only up to the saved commit index: that
+        // index is flushed lazily (it may lag behind entries that did commit),
+        // and losing acknowledged data is worse than keeping an operation
+        // whose client never got an answer.
+        let committed = store.read_committed().await?.map(|l| l.index).unwrap_or(0);
+        let end = store.get_log_state().await?.last_log_id.map(|l| l.index);
         let mut reader = store.get_log_reader().await;
         let mut next = last.1 + u64::from(snap.is_some());
-        if let Some(end) = committed {
+        if let Some(end) = end {
+            if end > committed {
+                tracing::info!(dir = %dir.display(), committed, last = end, "applying entries past the saved commit index");
+            }
             while next <= end {
                 let entries = reader.try_get_log_entries(next..=end).await?;
                 if entries.is_empty() {
