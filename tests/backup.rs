@@ -367,6 +367,9 @@ async fn backup_restore_replace_merge_and_bad_files() {
     let file2 = work.path().join("bk2.tar.gz");
     let file2_s = file2.display().to_string();
     ctl(&a, a_leader, &["backup", "download", &bk2, "-o", &file2_s]).await;
+    // Replace is refused while a persistent session is connected.
+    let out = ctl_fails(&b, b_leader, &["backup", "restore", &file2_s, "--mode", "replace"]).await;
+    assert!(out.contains("HTTP 409") && out.contains("without connected persistent sessions"), "{out}");
     let out = ctl(&b, b_leader, &["backup", "restore", &file2_s]).await; // merge by default
     assert!(out.contains("(merge)"), "{out}");
 
@@ -472,4 +475,31 @@ async fn quorum_loss_warning_and_offline_recovery() {
     assert!(present);
     assert_eq!(receive(&mut cl, 1).await.get("q/d1/0").map(String::as_str), Some("x"));
     cl.disconnect().await;
+}
+
+/// Scheduled backups: every `interval_s` the leader takes one; only the
+/// newest `retain` are kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_backups_with_retention() {
+    let opts = Opts { nodes: 1, ..Opts::three() }.extra(1, "[backup]\ninterval_s = 1\nretain = 2");
+    let c = Cluster::start(&opts).await;
+    c.leader(WAIT).await;
+    let folder = c.node(1).data_dir.join("backup");
+    let files = || -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(&folder)
+            .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().to_string()).collect())
+            .unwrap_or_default();
+        v.retain(|n| n.starts_with("raftmq-backup-") && n.ends_with(".tar.gz"));
+        v.sort();
+        v
+    };
+    let first = wait_for("a first scheduled backup", WAIT, || async { files().first().cloned() }).await;
+    // Two more later: the first is gone by retention, two remain.
+    wait_for("retention to delete the first backup", WAIT, || async {
+        let f = files();
+        (f.len() == 2 && !f.contains(&first)).then_some(())
+    })
+    .await;
+    let log = c.node(1).log_text();
+    assert!(log.contains("deleted an old backup (retention)"), "{log}");
 }

@@ -94,11 +94,11 @@ impl IntoResponse for ApiError {
 impl From<BackupError> for ApiError {
     fn from(e: BackupError) -> ApiError {
         let status = match &e {
-            BackupError::Busy(_) => StatusCode::CONFLICT,
+            BackupError::Busy(_) | BackupError::Refused(_) => StatusCode::CONFLICT,
             BackupError::Disk { .. } => StatusCode::INSUFFICIENT_STORAGE,
             BackupError::NotFound(_) => StatusCode::NOT_FOUND,
             BackupError::Format(_) => StatusCode::BAD_REQUEST,
-            BackupError::Raft(_) => StatusCode::SERVICE_UNAVAILABLE,
+            BackupError::Raft(_) | BackupError::NoLeader(_) => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError(status, e.to_string())
@@ -299,7 +299,13 @@ async fn internal_propose(State(svc): State<BackupService>, body: Bytes) -> ApiR
     if !svc.raft().is_leader() {
         return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, "not the leader".into()));
     }
-    let results = svc.raft().propose(&batch).await.map_err(BackupError::from)?;
+    let results = match svc.raft().propose(&batch).await {
+        Ok(r) => r,
+        Err(e @ crate::raft::RaftError::ForwardToLeader { .. }) => {
+            return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))
+        }
+        Err(e) => return Err(BackupError::from(e).into()),
+    };
     Ok(Json(super::results_to_errors(results)).into_response())
 }
 
@@ -309,9 +315,11 @@ pub(super) async fn propose_via_leader(
     batch: &spb::Batch,
 ) -> Result<Vec<Option<String>>, BackupError> {
     let m = svc.raft().metrics();
-    let addr = m.leader_addr.as_ref().filter(|_| m.leader != Some(m.node_id)).ok_or_else(|| {
-        BackupError::Raft(crate::raft::RaftError::ForwardToLeader { leader_id: None, leader: None })
-    })?;
+    let addr = m
+        .leader_addr
+        .as_ref()
+        .filter(|_| m.leader != Some(m.node_id))
+        .ok_or_else(|| BackupError::NoLeader("no leader is known".into()))?;
     let path = format!("{API_PREFIX}/backups/internal/propose");
     let resp = crate::admin::client::request(
         &addr.admin_addr,
@@ -323,7 +331,17 @@ pub(super) async fn propose_via_leader(
         PROPOSE_TIMEOUT,
     )
     .await
-    .map_err(|e| BackupError::Other(format!("proposing through the leader: {e}")))?;
+    .map_err(|e| match e {
+        // Not sent: safe to try again (the leader may be changing).
+        crate::admin::client::ClientError::Connect { .. } => {
+            BackupError::NoLeader(format!("proposing through the leader: {e}"))
+        }
+        // Sent, outcome unknown: never proposed twice.
+        e => BackupError::Other(format!("proposing through the leader (outcome unknown): {e}")),
+    })?;
+    if resp.status == 503 {
+        return Err(BackupError::NoLeader(String::from_utf8_lossy(&resp.body).to_string()));
+    }
     if resp.status != 200 {
         let msg = serde_json::from_slice::<ErrorBody>(&resp.body)
             .map(|b| b.error)

@@ -58,6 +58,8 @@ pub const FILE_SUFFIX: &str = ".tar.gz";
 pub const LOCK_TTL: Duration = Duration::from_secs(30);
 /// A running job renews its lock this often.
 pub const LOCK_RENEW: Duration = Duration::from_secs(5);
+/// How long a proposal waits for a leader to be known.
+const LEADER_WAIT: Duration = Duration::from_secs(10);
 /// Free disk kept beyond the estimate of what a job writes.
 const DISK_MARGIN: u64 = 16 * 1024 * 1024;
 
@@ -92,8 +94,14 @@ pub enum BackupError {
     NotFound(String),
     #[error("raft: {0}")]
     Raft(#[from] RaftError),
+    /// No leader could take the proposal (an election, or no quorum).
+    #[error("no leader: {0}")]
+    NoLeader(String),
     #[error("state: {0}")]
     State(String),
+    /// The request conflicts with the cluster's state (409).
+    #[error("{0}")]
+    Refused(String),
     #[error("cancelled: {0}")]
     Cancelled(String),
     #[error("{0}")]
@@ -510,12 +518,29 @@ impl BackupService {
 
     /// Proposes commands through the leader (this node, or the leader's
     /// admin API); returns each command's error, if any.
+    /// While no leader is known (an election), it retries for [`LEADER_WAIT`].
     pub async fn propose(&self, cmds: Vec<state::pb::Command>) -> Result<Vec<Option<String>>, BackupError> {
-        let batch = state::pb::Batch { now_ms: now_ms(), commands: cmds };
+        let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+        loop {
+            match self.propose_once(&cmds).await {
+                Err(BackupError::NoLeader(why)) if tokio::time::Instant::now() < deadline => {
+                    tracing::debug!(%why, "no leader to propose to; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    async fn propose_once(&self, cmds: &[state::pb::Command]) -> Result<Vec<Option<String>>, BackupError> {
+        let batch = state::pb::Batch { now_ms: now_ms(), commands: cmds.to_vec() };
         let raft = &self.inner.raft;
         if raft.is_leader() {
-            let results = raft.propose(&batch).await?;
-            return Ok(results_to_errors(results));
+            return match raft.propose(&batch).await {
+                Ok(results) => Ok(results_to_errors(results)),
+                Err(e @ RaftError::ForwardToLeader { .. }) => Err(BackupError::NoLeader(e.to_string())),
+                Err(e) => Err(e.into()),
+            };
         }
         http::propose_via_leader(self, &batch).await
     }

@@ -115,6 +115,15 @@ impl BackupService {
             .filter(|p| p.name == format::PART_SESSIONS || p.name == format::PART_RETAINED)
             .map(|p| p.records)
             .sum();
+        if mode == Mode::Replace {
+            let online = self.inner.state.read().sessions().filter(|(_, s)| s.online()).count();
+            if online > 0 {
+                return Err(BackupError::Refused(format!(
+                    "replace needs a cluster without connected persistent sessions ({online} connected): \
+                     disconnect them, or restore with mode merge"
+                )));
+            }
+        }
         let id = format!("restore-{}", id_for(now_ms()));
         self.lock(&id, "restore").await?;
         self.put_job(JobInfo {

@@ -16,7 +16,9 @@
 //!   message on a topic that has one: the newer `set_at_ms` wins (the
 //!   existing one on a tie). Cluster settings are kept.
 //! - A restored session that was online in the backup is offline here (no
-//!   connection exists), disconnected now.
+//!   connection exists), disconnected now, without its will.
+//! - Replace is refused (deterministically) while a persistent session is
+//!   connected: its client would be left on a session that no longer exists.
 //! - Every restore command names its job and fails unless that job holds the
 //!   lock, so a restore whose lock lapsed cannot interleave with another.
 
@@ -123,6 +125,12 @@ impl State {
             Cmd::RestoreBegin(c) => {
                 self.check_holder(&c.id)?;
                 if c.mode == pb::RestoreMode::Replace as i32 {
+                    let online = self.sessions.values().filter(|s| s.online).count();
+                    if online > 0 {
+                        return Err(StateError::Busy(format!(
+                            "replace needs a cluster without connected persistent sessions; {online} connected"
+                        )));
+                    }
                     self.clear_for_replace(out);
                 }
                 Ok(())
@@ -213,8 +221,12 @@ impl State {
             }
             self.drop_session(&id);
             if s.online {
+                // Its connection is not here: offline from now, and its will
+                // (meant for that connection's end) is dropped.
                 s.online = false;
                 s.disconnected_at_ms = now;
+                s.will = None;
+                s.will_due_at_ms = 0;
             }
             for (filter, sub) in &s.subscriptions {
                 if topic::parse_shared(filter).is_none() {
