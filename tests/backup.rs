@@ -404,7 +404,8 @@ async fn backup_restore_replace_merge_and_bad_files() {
             .args(["ctl", "--url", &url, "backup", "restore", &arg])
             .output()
             .expect("spawn");
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let text =
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         assert!(out.status.success(), "restore {arg}: {text}");
         assert!(text.contains(&format!("restored {bk1} (merge)")), "restore {arg}: {text}");
     }
@@ -474,6 +475,39 @@ async fn quorum_loss_warning_and_offline_recovery() {
     let (mut cl, present) = connect(&b, &Conn::v5("d1").persistent().clean(false)).await;
     assert!(present);
     assert_eq!(receive(&mut cl, 1).await.get("q/d1/0").map(String::as_str), Some("x"));
+    cl.disconnect().await;
+
+    // Last resort: restart the old cluster from the survivor alone.
+    let data = a.node(survivor).data_dir.clone();
+    let aside = work.path().join("survivor-data");
+    std::fs::rename(&data, &aside).expect("move the survivor's data aside");
+    let id = survivor.to_string();
+    let res = std::process::Command::new(env!("CARGO_BIN_EXE_raftmq"))
+        .args(["recover", "--data-dir"])
+        .arg(&aside)
+        .arg("--force-new-cluster")
+        .arg(&data)
+        .args(["--node-id", &id])
+        .output()
+        .expect("spawn");
+    let text = format!("{}{}", String::from_utf8_lossy(&res.stdout), String::from_utf8_lossy(&res.stderr));
+    assert!(!res.status.success(), "refused without --i-accept-data-loss: {text}");
+    let res = std::process::Command::new(env!("CARGO_BIN_EXE_raftmq"))
+        .args(["recover", "--data-dir"])
+        .arg(&aside)
+        .arg("--force-new-cluster")
+        .arg(&data)
+        .args(["--node-id", &id, "--i-accept-data-loss"])
+        .output()
+        .expect("spawn");
+    let text = format!("{}{}", String::from_utf8_lossy(&res.stdout), String::from_utf8_lossy(&res.stderr));
+    assert!(res.status.success() && text.contains("WARNING: FORCING A NEW CLUSTER"), "{text}");
+    a.restart(survivor).await;
+    a.wait_leader_is(survivor, WAIT).await;
+    assert_eq!(digest(&a, survivor).await.expect("digest").content_digest, before);
+    let (mut cl, present) = connect(&a, &Conn::v5("d2").persistent().clean(false)).await;
+    assert!(present);
+    assert_eq!(receive(&mut cl, 1).await.get("q/d2/0").map(String::as_str), Some("y"));
     cl.disconnect().await;
 }
 

@@ -261,3 +261,63 @@ pub async fn watch_quorum(svc: BackupService, stop: tokio_util::sync::Cancellati
         }
     }
 }
+
+/// `raftmq recover --force-new-cluster NEW_DIR --node-id N --i-accept-data-loss`:
+/// when the quorum is lost for good, builds from one surviving node's
+/// (stopped) data folder a NEW data folder in which node `node_id` is the only
+/// voter, holding the survivor's state (every entry of its log applied) as
+/// its snapshot. Started on it (same configuration), the node elects itself
+/// and serves; the lost nodes are added back later with wiped data folders
+/// and `join = true` (`raftmq ctl add-node`). Whatever only the lost nodes
+/// had is gone: hence the loud flag. The survivor's folder is not modified.
+pub async fn force_new_cluster(
+    survivor: &Path,
+    new_dir: &Path,
+    node_id: u64,
+    limits: Limits,
+) -> Result<Recovered, BackupError> {
+    use crate::raft::types::{LeaderId, LogId, Membership, NodeAddr, SnapshotMeta, StoredMembership, Vote};
+    use openraft::vote::RaftLeaderId as _;
+    if new_dir.exists() && std::fs::read_dir(new_dir).map(|mut d| d.next().is_some()).unwrap_or(true) {
+        return Err(BackupError::Other(format!("{} exists and is not empty", new_dir.display())));
+    }
+    std::fs::create_dir_all(new_dir)?;
+    let r = read_data_dir(survivor, limits, new_dir).await?;
+    let me = r.members.iter().find(|m| m.id == node_id).ok_or_else(|| {
+        let ids: Vec<u64> = r.members.iter().map(|m| m.id).collect();
+        BackupError::Other(format!(
+            "node {node_id} is not a member of the survivor's cluster (members: {ids:?})"
+        ))
+    })?;
+    let addr = NodeAddr {
+        cluster_addr: me.cluster_addr.clone(),
+        mqtt_addr: me.mqtt_addr.clone(),
+        admin_addr: me.admin_addr.clone(),
+    };
+    let (term, index) = r.last;
+    let log_id = LogId::new(LeaderId::new(term, node_id), index);
+    let membership = Membership::new(
+        vec![std::collections::BTreeSet::from([node_id])],
+        std::collections::BTreeMap::from([(node_id, addr)]),
+    )
+    .map_err(|e| BackupError::Other(format!("membership: {e}")))?;
+    let meta = SnapshotMeta {
+        last_log_id: Some(log_id),
+        last_membership: StoredMembership::new(Some(log_id), membership),
+    };
+    let raft_dir = new_dir.join("raft");
+    SnapshotStore::open(&raft_dir.join("snapshot"))
+        .and_then(|s| s.save(&meta, &r.state.snapshot_bytes().into()))
+        .map_err(|e| BackupError::Other(format!("writing the snapshot: {e}")))?;
+    let mut store = LogStore::open(&raft_dir.join("log"))
+        .map_err(|e| BackupError::Other(format!("creating the log: {e}")))?;
+    // The log starts after the snapshot; the vote is of the last term, so
+    // the node's first election is a newer term.
+    store.purge(log_id).await?;
+    store.save_committed(Some(log_id)).await?;
+    store.save_vote(&Vote::new(term, node_id)).await?; // flushes everything
+    let closed = store.on_closed();
+    drop(store);
+    let _ = tokio::time::timeout(Duration::from_secs(10), closed).await;
+    Ok(r)
+}
