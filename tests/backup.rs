@@ -316,6 +316,25 @@ async fn backup_restore_replace_merge_and_bad_files() {
     let busy = ctl_fails(&a, a_follower, &["backup", "create"]).await;
     assert!(busy.contains("HTTP 409") && busy.contains("restore test-holder is running on node 9"), "{busy}");
     propose(release).await;
+    // The internal route takes nothing but backup commands.
+    let other = raftmq::state::pb::Batch {
+        now_ms: 1,
+        commands: vec![raftmq::state::pb::Command {
+            cmd: Some(raftmq::state::pb::command::Cmd::Tick(raftmq::state::pb::Tick {})),
+        }],
+    };
+    let r = raftmq::admin::client::request(
+        &a.node(a_leader).admin.to_string(),
+        hyper::Method::POST,
+        "/api/v1/backups/internal/propose",
+        None,
+        &[],
+        Some(other.encode_to_vec().into()),
+        STEP,
+    )
+    .await
+    .expect("request");
+    assert_eq!(r.status, 400);
 
     // ---- replace into a fresh cluster B, from a local file (uploaded first)
     let b = Cluster::start(&Opts::three()).await;
@@ -449,8 +468,10 @@ async fn quorum_loss_warning_and_offline_recovery() {
         (metric(&a, survivor, "raftmq_raft_quorum_reachable").await? == 0.0).then_some(())
     })
     .await;
-    let log = a.node(survivor).log_text();
-    assert!(log.contains("NO QUORUM REACHABLE"), "{log}");
+    wait_for("the no-quorum warning in the survivor's log", WAIT, || async {
+        a.node(survivor).log_text().contains("NO QUORUM REACHABLE").then_some(())
+    })
+    .await;
     a.kill9(survivor);
 
     // Offline: the stopped nodes' folders -> one backup.
@@ -534,6 +555,9 @@ async fn scheduled_backups_with_retention() {
         (f.len() == 2 && !f.contains(&first)).then_some(())
     })
     .await;
-    let log = c.node(1).log_text();
-    assert!(log.contains("deleted an old backup (retention)"), "{log}");
+    // The line is written just after the file is removed.
+    wait_for("the retention line in the log", WAIT, || async {
+        c.node(1).log_text().contains("deleted an old backup (retention)").then_some(())
+    })
+    .await;
 }

@@ -129,7 +129,10 @@ async fn create(State(svc): State<BackupService>) -> ApiResult {
 }
 
 async fn list(State(svc): State<BackupService>, Query(q): Query<ListQuery>) -> ApiResult {
-    let mut backups = svc.list_local();
+    let local = svc.clone();
+    let mut backups = tokio::task::spawn_blocking(move || local.list_local())
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     let mut unreachable = Vec::new();
     if !q.local {
         for (id, addr, _) in svc.members() {
@@ -296,6 +299,26 @@ async fn digest(State(svc): State<BackupService>) -> Json<super::DigestInfo> {
 async fn internal_propose(State(svc): State<BackupService>, body: Bytes) -> ApiResult {
     let batch = spb::Batch::decode(body)
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("invalid batch: {e}")))?;
+    // Only what backup jobs propose: this route is no general way into the log.
+    use spb::command::Cmd;
+    let allowed = |c: &spb::Command| {
+        matches!(
+            c.cmd,
+            Some(
+                Cmd::JobLock(_)
+                    | Cmd::JobRelease(_)
+                    | Cmd::RestoreBegin(_)
+                    | Cmd::RestoreChunk(_)
+                    | Cmd::RestoreEnd(_)
+            )
+        )
+    };
+    if !batch.commands.iter().all(allowed) {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "only backup and restore commands are accepted".into(),
+        ));
+    }
     if !svc.raft().is_leader() {
         return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, "not the leader".into()));
     }
