@@ -234,3 +234,18 @@ fn restore_targets_are_classified() {
     assert_eq!(classify("./b.tar.gz", dir.path()), Target::File("./b.tar.gz".into()));
     assert_eq!(classify("b.tar.gz", dir.path()), Target::File("b.tar.gz".into()));
 }
+
+#[test]
+fn a_cancelled_export_leaves_no_file() {
+    use super::export::{write_backup, Progress};
+    let dir = tempfile::tempdir().unwrap();
+    let st = super::format::tests::sample_state();
+    let at = SnapshotAt { state: st.snapshot_bytes().into(), log_index: 1, log_term: 1, members: vec![] };
+    let out = dir.path().join(file_name("x"));
+    let progress = Progress::default();
+    progress.cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+    let e = write_backup(&at, &out, 1, &pb::EffectiveConfig::default(), "export", &progress).unwrap_err();
+    assert!(matches!(&e, BackupError::Cancelled(m) if m.contains("membership changed")), "{e}");
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
+}
