@@ -182,8 +182,7 @@ impl BackupService {
     }
 
     fn raft_snapshot_file(&self) -> PathBuf {
-        // `<data_dir>/backup` by default; the snapshot is under `<data_dir>/raft`.
-        self.dir().parent().unwrap_or(self.dir()).join("raft").join("snapshot").join("snapshot.bin")
+        self.inner.data_dir.join("raft").join("snapshot").join("snapshot.bin")
     }
 
     pub(crate) fn finish_job(&self, id: &str, result: Result<BTreeMap<String, u64>, BackupError>) {

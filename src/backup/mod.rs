@@ -334,6 +334,7 @@ pub struct BackupService {
 struct Inner {
     node_id: NodeId,
     dir: PathBuf,
+    data_dir: PathBuf,
     raft: RaftNode,
     state: Arc<RwLock<State>>,
     config: pb::EffectiveConfig,
@@ -362,6 +363,7 @@ impl BackupService {
             inner: Arc::new(Inner {
                 node_id: config.node_id,
                 dir,
+                data_dir: config.data_dir.clone(),
                 raft,
                 state,
                 config: effective_config(config),
