@@ -2,7 +2,7 @@
 //! (protox), so building raftmq needs no system `protoc`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/state.proto", "proto/raft.proto", "proto/dynsec.proto"];
+    let protos = ["proto/state.proto", "proto/raft.proto", "proto/dynsec.proto", "proto/backup.proto"];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }
@@ -18,6 +18,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     config().compile_fds(protox::compile(["proto/dynsec.proto"], ["proto"])?)?;
     let mut c = config();
     c.extern_path(".raftmq.dynsec", "crate::dynsec::pb");
-    c.compile_fds(protox::compile(["proto/state.proto", "proto/raft.proto"], ["proto"])?)?;
+    c.compile_fds(protox::compile(
+        ["proto/state.proto", "proto/raft.proto", "proto/backup.proto"],
+        ["proto"],
+    )?)?;
     Ok(())
 }

@@ -14,6 +14,7 @@ use figment::Figment;
 use serde::Deserialize;
 
 use crate::admin::AdminConfig;
+use crate::backup::BackupConfig;
 use crate::broker::BrokerConfig;
 use crate::listener::{ListenerConfig, ListenerKind};
 use crate::raft::ClusterConfig;
@@ -53,6 +54,8 @@ pub struct Config {
     pub cluster: ClusterConfig,
     /// Dynamic security bootstrap (the first admin).
     pub dynsec: crate::auth::DynsecConfig,
+    /// Backups: folder, schedule, retention.
+    pub backup: BackupConfig,
 }
 
 impl Default for Config {
@@ -66,6 +69,7 @@ impl Default for Config {
             // No `nodes`: a single node, a Raft group of one (see node.rs).
             cluster: ClusterConfig { nodes: Vec::new(), ..ClusterConfig::default() },
             dynsec: crate::auth::DynsecConfig::default(),
+            backup: BackupConfig::default(),
         }
     }
 }

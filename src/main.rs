@@ -41,6 +41,34 @@ enum Command {
     /// Starts N real nodes on loopback (configurations under DIR) to try a
     /// cluster and failover; Ctrl-C stops them all.
     LocalCluster(raftmq::local_cluster::LocalClusterArgs),
+    /// Disaster recovery: reads the data folders of STOPPED nodes offline and
+    /// writes one backup (the newest state wins) to import with
+    /// `raftmq ctl backup restore FILE`. The folders are not modified.
+    Recover {
+        /// A stopped node's data folder (repeat for several nodes).
+        #[arg(long = "data-dir", value_name = "DIR", required = true)]
+        data_dirs: Vec<PathBuf>,
+        /// The backup file to write.
+        #[arg(long, short = 'o', value_name = "FILE", required_unless_present = "force_new_cluster")]
+        output: Option<PathBuf>,
+        /// LAST RESORT when a majority of the nodes is lost for good: writes a
+        /// new data folder DIR in which --node-id is the only voter, holding the
+        /// state of the one --data-dir given (a stopped survivor). Start that
+        /// node on DIR; add the others back with wiped data and join = true.
+        /// Needs --i-accept-data-loss.
+        #[arg(long, value_name = "DIR", requires_all = ["node_id", "i_accept_data_loss"], conflicts_with = "output")]
+        force_new_cluster: Option<PathBuf>,
+        /// The survivor's node id (with --force-new-cluster).
+        #[arg(long, value_name = "ID")]
+        node_id: Option<u64>,
+        /// Confirms that whatever only the lost nodes held is given up.
+        #[arg(long)]
+        i_accept_data_loss: bool,
+        /// The nodes' configuration file: its [mqtt] queue limits are used
+        /// while the log is replayed (default limits otherwise).
+        #[arg(long, short = 'c')]
+        config: Option<PathBuf>,
+    },
     /// Prints a password hash in mosquitto_passwd's `$7$` format, for password files.
     Passwd {
         /// User name of the line to print.
@@ -86,6 +114,16 @@ fn main() -> ExitCode {
         },
         Command::Ctl(args) => raftmq::ctl::run(args),
         Command::LocalCluster(args) => raftmq::local_cluster::run(args),
+        Command::Recover { data_dirs, output, config, force_new_cluster, node_id, i_accept_data_loss: _ } => {
+            match (force_new_cluster, node_id, output) {
+                (Some(dir), Some(id), _) => force_new_cluster_cmd(&data_dirs, &dir, id, config.as_deref()),
+                (None, _, Some(out)) => recover(&data_dirs, &out, config.as_deref()),
+                _ => {
+                    eprintln!("raftmq recover: give -o FILE, or --force-new-cluster DIR --node-id ID");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::Passwd { username, password_stdin, password } => {
             let password = match (password, password_stdin) {
                 (Some(p), false) => p,
@@ -110,6 +148,92 @@ fn main() -> ExitCode {
                 )
             );
             ExitCode::SUCCESS
+        }
+    }
+}
+
+/// The configuration and a runtime for `recover`.
+fn recover_setup(config: Option<&std::path::Path>) -> Result<(Config, tokio::runtime::Runtime), ExitCode> {
+    raftmq::node::init_logging();
+    let config = Config::load(config, &Overrides::default()).map_err(|e| {
+        eprintln!("raftmq recover: {e}");
+        ExitCode::from(2)
+    })?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| {
+        eprintln!("raftmq recover: cannot start the runtime: {e}");
+        ExitCode::FAILURE
+    })?;
+    Ok((config, runtime))
+}
+
+fn force_new_cluster_cmd(
+    dirs: &[PathBuf],
+    new_dir: &std::path::Path,
+    node_id: u64,
+    config: Option<&std::path::Path>,
+) -> ExitCode {
+    let [survivor] = dirs else {
+        eprintln!("raftmq recover --force-new-cluster: give exactly one --data-dir (the survivor)");
+        return ExitCode::from(2);
+    };
+    let (config, runtime) = match recover_setup(config) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    eprintln!(
+        "raftmq recover: WARNING: FORCING A NEW CLUSTER of one node ({node_id}) from {}. \
+         Anything only the lost nodes held is discarded. Never start the old nodes on their old data again.",
+        survivor.display()
+    );
+    let limits = config.mqtt.state_limits();
+    match runtime.block_on(raftmq::backup::recover::force_new_cluster(survivor, new_dir, node_id, limits)) {
+        Ok(r) => {
+            println!(
+                "wrote {}: node {node_id} alone, state at log index {} (term {}), {} sessions, {} retained \
+                 messages; start node {node_id} with data_dir = {}",
+                new_dir.display(),
+                r.last.1,
+                r.last.0,
+                r.state.session_count(),
+                r.state.retained_count(),
+                new_dir.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("raftmq recover: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn recover(dirs: &[PathBuf], output: &std::path::Path, config: Option<&std::path::Path>) -> ExitCode {
+    if output.exists() {
+        eprintln!("raftmq recover: {} exists; choose another output file", output.display());
+        return ExitCode::from(2);
+    }
+    let (config, runtime) = match recover_setup(config) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    let limits = config.mqtt.state_limits();
+    let effective = raftmq::backup::effective_config(&config);
+    match runtime.block_on(raftmq::backup::recover::recover(dirs, output, limits, &effective)) {
+        Ok(m) => {
+            let count = |name: &str| m.parts.iter().find(|p| p.name == name).map(|p| p.records).unwrap_or(0);
+            println!(
+                "wrote {}: state at log index {} (term {}), {} sessions, {} retained messages",
+                output.display(),
+                m.log_index,
+                m.log_term,
+                count(raftmq::backup::format::PART_SESSIONS),
+                count(raftmq::backup::format::PART_RETAINED),
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("raftmq recover: {e}");
+            ExitCode::FAILURE
         }
     }
 }

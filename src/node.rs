@@ -56,6 +56,8 @@ pub enum NodeError {
     Admin(#[from] AdminError),
     #[error("raft: {0}")]
     Raft(#[from] RaftError),
+    #[error("backup: {0}")]
+    Backup(#[from] crate::backup::BackupError),
     #[error("cannot start the runtime: {0}")]
     Runtime(std::io::Error),
     #[error("cannot install the signal handler: {0}")]
@@ -178,6 +180,13 @@ impl Node {
         } else {
             RaftNode::start(&cluster, &config.data_dir, state.clone(), relay.sink()).await?
         };
+        let backup = match crate::backup::BackupService::new(&config, raft.clone(), state.clone()) {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = raft.shutdown().await;
+                return Err(e.into());
+            }
+        };
         let broker = Broker::with_raft(
             config.mqtt.clone(),
             auth,
@@ -187,19 +196,28 @@ impl Node {
             commit_timeout(&cluster),
         );
 
-        let view = Arc::new(RaftView { raft: raft.clone(), broker: broker.clone() });
-        let admin =
-            match AdminServer::bind_with_cluster(&config.admin, view, Some(Arc::new(raft.clone()))).await {
-                Ok(admin) => admin,
-                Err(e) => {
-                    broker.shutdown().await;
-                    let _ = raft.shutdown().await;
-                    return Err(e.into());
-                }
-            };
+        let view =
+            Arc::new(RaftView { raft: raft.clone(), broker: broker.clone(), backup: Some(backup.clone()) });
+        let backup_routes = crate::backup::http::routes(backup.clone());
+        let admin = match AdminServer::bind_with_extra(
+            &config.admin,
+            view,
+            Some(Arc::new(raft.clone())),
+            backup_routes,
+        )
+        .await
+        {
+            Ok(admin) => admin,
+            Err(e) => {
+                broker.shutdown().await;
+                let _ = raft.shutdown().await;
+                return Err(e.into());
+            }
+        };
         let admin_addr = admin.local_addr();
 
         let shutdown = CancellationToken::new();
+        backup.spawn_background(shutdown.clone());
         let mut tasks = Vec::new();
         let admin_shutdown = shutdown.clone();
         tasks.push(tokio::spawn(async move {
@@ -364,6 +382,7 @@ async fn wait_for_signal() -> Result<(), NodeError> {
 struct RaftView {
     raft: RaftNode,
     broker: Broker,
+    backup: Option<crate::backup::BackupService>,
 }
 
 fn admin_role(r: raft::Role) -> Role {
@@ -398,6 +417,9 @@ impl AdminView for RaftView {
     fn render_metrics(&self, out: &mut String) {
         self.broker.metrics().render_prometheus(out);
         render_raft_metrics(&self.raft, self.broker.is_serving(), out);
+        if let Some(b) = &self.backup {
+            b.render_metrics(out);
+        }
         self.broker.pipeline().commit_stats().render_prometheus(out);
         render_state_metrics(&self.broker.state().read(), out);
     }
@@ -679,7 +701,8 @@ mod tests {
         }
         assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
         assert!(!leader.broker().is_serving());
-        let status = RaftView { raft: leader.raft().clone(), broker: leader.broker().clone() }.node_status();
+        let status = RaftView { raft: leader.raft().clone(), broker: leader.broker().clone(), backup: None }
+            .node_status();
         assert!(!status.serving && !status.ready, "{status:?}");
         // And refuses new ones.
         let (_, ack) = Client::connect(leader.mqtt_addrs()[0], true).await;

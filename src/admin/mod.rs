@@ -142,12 +142,25 @@ impl AdminServer {
         view: Arc<dyn AdminView>,
         raft: Option<Arc<RaftNode>>,
     ) -> Result<AdminServer, AdminError> {
+        AdminServer::bind_with_extra(cfg, view, raft, Router::new()).await
+    }
+
+    /// [`bind_with_cluster`](AdminServer::bind_with_cluster), plus `extra`
+    /// routes of other modules (e.g. `backup::http::routes`) mounted under
+    /// `/api/v1` behind the token check.
+    pub async fn bind_with_extra(
+        cfg: &AdminConfig,
+        view: Arc<dyn AdminView>,
+        raft: Option<Arc<RaftNode>>,
+        extra: Router,
+    ) -> Result<AdminServer, AdminError> {
         let listener = TcpListener::bind(cfg.listen)
             .await
             .map_err(|source| AdminError::Bind { addr: cfg.listen, source })?;
         let local_addr =
             listener.local_addr().map_err(|source| AdminError::Bind { addr: cfg.listen, source })?;
-        Ok(AdminServer { listener, local_addr, router: router_with_cluster(view, cfg.token.clone(), raft) })
+        let router = router_with_extra(view, cfg.token.clone(), raft, extra);
+        Ok(AdminServer { listener, local_addr, router })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -184,10 +197,21 @@ pub fn router_with_cluster(
     token: Option<String>,
     raft: Option<Arc<RaftNode>>,
 ) -> Router {
+    router_with_extra(view, token, raft, Router::new())
+}
+
+/// Every admin route, plus `extra` under `/api/v1` (token-checked too).
+pub fn router_with_extra(
+    view: Arc<dyn AdminView>,
+    token: Option<String>,
+    raft: Option<Arc<RaftNode>>,
+    extra: Router,
+) -> Router {
     let token: Option<Arc<str>> = token.filter(|t| !t.is_empty()).map(Arc::from);
     let api = api_routes()
-        .route_layer(middleware::from_fn_with_state(token, require_token))
-        .with_state(ApiState { view: view.clone(), raft });
+        .with_state(ApiState { view: view.clone(), raft })
+        .merge(extra)
+        .route_layer(middleware::from_fn_with_state(token, require_token));
     Router::new()
         .route("/health/live", get(|| async { "ok" }))
         .route("/health/ready", get(health_ready))

@@ -407,6 +407,13 @@ impl Inner {
                         Metrics::dec(&self.metrics.sessions_persistent);
                     }
                 }
+                Event::SessionsRestored { client_ids } => {
+                    // Only the serving leader keeps a fast path; another node
+                    // rebuilds it from State when it starts serving.
+                    if self.serving.is_on() {
+                        self.register_sessions(Some(&client_ids));
+                    }
+                }
             }
         }
     }
@@ -416,14 +423,33 @@ impl Inner {
     /// with every stored subscription.
     /// Returns true when State held sessions.
     fn restore_sessions(&self) -> bool {
+        self.register_sessions(None)
+    }
+
+    /// [`Self::restore_sessions`] for the given sessions only (None: all);
+    /// idempotent for sessions already registered (a restore in merge mode).
+    fn register_sessions(&self, only: Option<&[String]>) -> bool {
         let st = self.state.read();
         let mut reg = self.registry.lock();
         let mut router = self.router.write();
-        for (client_id, sess) in st.sessions() {
+        let picked: Vec<(&str, &crate::state::Session)> = match only {
+            None => st.sessions().collect(),
+            Some(ids) => ids.iter().filter_map(|id| st.session(id).map(|s| (id.as_str(), s))).collect(),
+        };
+        for (client_id, sess) in picked {
             let key: Arc<str> = client_id.into();
-            let mb = reg.entry(key.clone()).or_insert_with(|| Arc::new(Mailbox::new(key.clone()))).clone();
+            let mut fresh = false;
+            let mb = reg
+                .entry(key.clone())
+                .or_insert_with(|| {
+                    fresh = true;
+                    Arc::new(Mailbox::new(key.clone()))
+                })
+                .clone();
             mb.set_managed(true);
-            Metrics::inc(&self.metrics.sessions_persistent);
+            if fresh || only.is_none() {
+                Metrics::inc(&self.metrics.sessions_persistent);
+            }
             for sub in sess.subscriptions() {
                 let opts = SubscriptionOptions {
                     qos: QoS::from_u8(sub.qos.min(2) as u8).unwrap_or_default(),

@@ -78,6 +78,9 @@ pub enum CtlCommand {
     /// dynamic-security.json. Day-to-day: `mosquitto_ctrl dynsec ...`.
     #[command(subcommand)]
     Dynsec(dynsec::DynsecCommand),
+    /// Backups: create, list, inspect, download, upload, restore, delete.
+    #[command(subcommand)]
+    Backup(crate::backup::cli::BackupCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -253,6 +256,7 @@ pub async fn execute(args: &CtlArgs) -> Result<String, CtlError> {
             Ok(if args.json { raw(raw_body) } else { format_leader(cmd, &info) })
         }
         CtlCommand::Dynsec(cmd) => dynsec::execute(&api, cmd, args.json).await,
+        CtlCommand::Backup(cmd) => crate::backup::cli::execute(args, cmd).await,
     }
 }
 

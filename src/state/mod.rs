@@ -47,6 +47,7 @@ pub mod pb {
 }
 
 mod dynsec;
+mod restore;
 mod session;
 mod snapshot;
 #[cfg(test)]
@@ -60,6 +61,10 @@ use sha2::{Digest, Sha256};
 
 use crate::topic::{self, SubscriptionTree};
 pub use dynsec::{unavailable_response, DynsecView, NOT_INITIALISED};
+pub use restore::{
+    content_digest_of_snapshot, for_each_field, SNAPSHOT_FIELD_CLUSTER, SNAPSHOT_FIELD_DYNSEC,
+    SNAPSHOT_FIELD_NOW, SNAPSHOT_FIELD_RETAINED, SNAPSHOT_FIELD_SESSIONS,
+};
 use session::message_expired;
 pub use session::{Delivery, InflightEntry, Session, SubOptions};
 
@@ -121,6 +126,9 @@ pub enum StateError {
     InvalidNodeId(u64),
     #[error("invalid dynamic-security state: {0}")]
     InvalidDynsec(String),
+    /// The cluster-wide backup/restore lock is held by another job.
+    #[error("busy: {0}")]
+    Busy(String),
 }
 
 /// What the broker learns from applying a command.
@@ -138,6 +146,9 @@ pub enum Event {
     /// A dynamic-security change: these clients must be disconnected
     /// (DISCONNECT 0x98, no will) wherever they are connected.
     DynsecKick { kicks: crate::dynsec::Kicks },
+    /// A restore added these sessions or gave them subscriptions: the broker
+    /// registers them (and their subscriptions) on its fast path.
+    SessionsRestored { client_ids: Vec<String> },
 }
 
 /// Result of one command.
@@ -298,6 +309,11 @@ impl State {
             }
             Cmd::DynsecControl(c) => self.dynsec_control(c, &mut out),
             Cmd::DynsecSet(c) => self.dynsec_set(c, &mut out)?,
+            c @ (Cmd::JobLock(_)
+            | Cmd::JobRelease(_)
+            | Cmd::RestoreBegin(_)
+            | Cmd::RestoreChunk(_)
+            | Cmd::RestoreEnd(_)) => self.apply_backup_command(c, &mut out)?,
         }
         Ok(out)
     }
@@ -716,7 +732,7 @@ impl State {
                 .values()
                 .map(|r| pb::RetainedMessage { message: Some((*r.message).clone()), set_at_ms: r.set_at_ms })
                 .collect(),
-            cluster: Some(self.cluster),
+            cluster: Some(self.cluster.clone()),
             dynsec: self.dynsec.load().as_ref().map(|d| d.to_proto()),
         }
     }

@@ -28,7 +28,7 @@ fn delivery(d: Option<pb::Delivery>) -> Result<Delivery, StateError> {
     })
 }
 
-fn session(p: pb::SessionState) -> Result<Session, StateError> {
+pub(super) fn session(p: pb::SessionState) -> Result<Session, StateError> {
     let mut s = Session::new(&p.client_id, p.created_at_ms);
     s.protocol_version = p.protocol_version;
     s.session_expiry_s = p.session_expiry_s;

@@ -763,10 +763,10 @@ fn pin_leader_is_recorded_kept_by_snapshots_and_cleared() {
     let r = State::from_snapshot(old, limits()).expect("restore");
     assert_eq!(r.cluster_settings(), &pb::ClusterSettings::default());
     let mut bad = st.snapshot();
-    bad.cluster = Some(pb::ClusterSettings { pinned_leader: Some(0), mode: 0 });
+    bad.cluster = Some(pb::ClusterSettings { pinned_leader: Some(0), mode: 0, ..Default::default() });
     assert!(State::from_snapshot(bad, limits()).is_err());
     let mut bad = st.snapshot();
-    bad.cluster = Some(pb::ClusterSettings { pinned_leader: None, mode: 7 });
+    bad.cluster = Some(pb::ClusterSettings { pinned_leader: None, mode: 7, ..Default::default() });
     assert!(matches!(State::from_snapshot(bad, limits()), Err(StateError::InvalidSnapshot(_))));
 }
 
