@@ -169,11 +169,14 @@ impl Node {
         }
         let state = Arc::new(RwLock::new(State::new(config.mqtt.state_limits())));
         // Dynamic security, once initialised, decides instead of the static rules.
-        let auth: Arc<dyn crate::auth::Authenticator> = Arc::new(crate::auth::DynsecAuthenticator::new(
-            auth,
-            state.read().dynsec_view(),
-            config.mqtt.allow_anonymous,
-        ));
+        let auth: Arc<dyn crate::auth::Authenticator> = Arc::new(
+            crate::auth::DynsecAuthenticator::new(
+                auth,
+                state.read().dynsec_view(),
+                config.mqtt.allow_anonymous,
+            )
+            .with_acl_substitution(config.dynsec.acl_substitution),
+        );
         let relay = EventRelay::new();
         let raft = if single {
             RaftNode::start_single(&cluster, &config.data_dir, state.clone(), relay.sink()).await?

@@ -19,6 +19,11 @@ const ADMIN_PW: &str = "adminpass";
 
 /// A broker whose dynamic security holds only what `dynsec init` creates.
 async fn start_dynsec() -> Broker {
+    start_dynsec_with(BrokerCfg::new()).await
+}
+
+/// [`start_dynsec`] with more configuration.
+async fn start_dynsec_with(cfg: BrokerCfg) -> Broker {
     let seed = tempfile::tempdir().expect("tempdir");
     let file = seed.path().join("dynsec.json");
     let (ok, out, err) = run_tool(
@@ -29,7 +34,7 @@ async fn start_dynsec() -> Broker {
     .await;
     assert!(ok, "mosquitto_ctrl dynsec init: {out} {err}");
     let content = std::fs::read(&file).expect("dynsec init file");
-    let cfg = BrokerCfg::new()
+    let cfg = cfg
         .file("dynsec.json", &content)
         .mosquitto("plugin /usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so")
         .mosquitto("plugin_opt_config_file {dir}/dynsec.json");
@@ -363,4 +368,62 @@ async fn ctl_init_export_import() {
 async fn ok_as(b: &Broker, user: &str, pw: &str, a: &[&str]) {
     let (out, err) = ctrl_as(b, user, pw, a).await;
     assert_eq!((out.as_str(), err.as_str()), ("", ""), "mosquitto_ctrl dynsec {a:?}");
+}
+
+/// `[dynsec] acl_substitution`: off (the default), `%c` / `%u` are literal
+/// text as in Mosquitto 2.0.11; on, a `%c` / `%u` level is the connecting
+/// client's id / user name, for publish and subscribe ACLs alike.
+#[tokio::test]
+async fn acl_substitution_key() {
+    for substitute in [false, true] {
+        // Mosquitto 2.0.11 has no substitution: only the default runs there.
+        if substitute && against_mosquitto() {
+            continue;
+        }
+        let cfg =
+            if substitute { BrokerCfg::new().dynsec("acl_substitution = true") } else { BrokerCfg::new() };
+        let b = start_dynsec_with(cfg).await;
+        ok(&b, &["createClient", "alice", "-p", "alicepw"]).await;
+        ok(&b, &["createRole", "own"]).await;
+        ok(&b, &["addRoleACL", "own", "subscribePattern", "own/%u/%c/#", "allow"]).await;
+        ok(&b, &["addRoleACL", "own", "publishClientSend", "own/%u/%c/#", "allow"]).await;
+        ok(&b, &["addClientRole", "alice", "own"]).await;
+
+        let (mut c, _) =
+            RawClient::connect_ok(b.addr, &Conn::version(true, "dev1").creds("alice", "alicepw")).await;
+        let (own, literal) = ("own/alice/dev1/t", "own/%u/%c/t");
+        let codes = c.subscribe(1, &[("own/alice/dev1/#", 0), ("own/%u/%c/#", 0)], &[]).await;
+        let want = if substitute { vec![0, 0x87] } else { vec![0x87, 0] };
+        assert_eq!(codes, want, "SUBACK, substitute={substitute}");
+        // The allowed topic is published and delivered back; the other one is
+        // refused with PUBACK 0x87.
+        let (allowed, denied) = if substitute { (own, literal) } else { (literal, own) };
+        c.publish(&Pub::new(denied, b"m", 1).pid(1)).await;
+        match c.expect(WAIT).await {
+            Pkt::PubAck { pid: 1, code, .. } => assert_eq!(code, 0x87, "{denied}, substitute={substitute}"),
+            other => panic!("expected PUBACK, got {other:?}"),
+        }
+        // The delivery (QoS 0) and the PUBACK may come in either order.
+        c.publish(&Pub::new(allowed, b"m", 1).pid(2)).await;
+        let (mut acked, mut delivered) = (false, false);
+        while !(acked && delivered) {
+            match c.expect(WAIT).await {
+                Pkt::PubAck { pid: 2, code, .. } => {
+                    assert_eq!(code, 0, "{allowed}, substitute={substitute}");
+                    acked = true;
+                }
+                Pkt::Publish(m) => {
+                    assert_eq!(m.topic, allowed, "substitute={substitute}");
+                    delivered = true;
+                }
+                other => panic!("expected PUBACK or PUBLISH, got {other:?}"),
+            }
+        }
+        // Another client id of the same user is not "dev1".
+        let (mut other, _) =
+            RawClient::connect_ok(b.addr, &Conn::version(true, "dev2").creds("alice", "alicepw")).await;
+        let codes = other.subscribe(1, &[("own/alice/dev1/#", 0), ("own/alice/dev2/#", 0)], &[]).await;
+        let want = if substitute { vec![0x87, 0] } else { vec![0x87, 0x87] };
+        assert_eq!(codes, want, "SUBACK of dev2, substitute={substitute}");
+    }
 }

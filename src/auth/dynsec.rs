@@ -31,6 +31,12 @@ pub struct DynsecConfig {
     pub init_password: Option<String>,
     /// A file whose first line is the password.
     pub init_password_file: Option<PathBuf>,
+    /// `%c` / `%u` in ACL topics: `false` (the default) matches them
+    /// literally, as Mosquitto 2.0.11 does; `true` substitutes the client id
+    /// and user name for a level that is exactly `%c` / `%u`, as later
+    /// Mosquitto versions do. A node setting, not replicated: give every node
+    /// the same value.
+    pub acl_substitution: bool,
 }
 
 impl DynsecConfig {
@@ -62,6 +68,7 @@ pub struct DynsecAuthenticator {
     fallback: Arc<dyn Authenticator>,
     view: Arc<ArcSwapOption<Dynsec>>,
     allow_anonymous: bool,
+    acl_substitution: bool,
 }
 
 impl DynsecAuthenticator {
@@ -74,7 +81,24 @@ impl DynsecAuthenticator {
         view: Arc<ArcSwapOption<Dynsec>>,
         allow_anonymous: bool,
     ) -> DynsecAuthenticator {
-        DynsecAuthenticator { fallback, view, allow_anonymous }
+        DynsecAuthenticator { fallback, view, allow_anonymous, acl_substitution: false }
+    }
+
+    /// Sets `[dynsec] acl_substitution` (see [`DynsecConfig`]).
+    pub fn with_acl_substitution(mut self, on: bool) -> DynsecAuthenticator {
+        self.acl_substitution = on;
+        self
+    }
+
+    fn allowed(
+        &self,
+        d: &Dynsec,
+        client_id: &str,
+        username: Option<&str>,
+        access: Access,
+        topic: &str,
+    ) -> bool {
+        d.allowed_client(client_id, username, access, topic, self.acl_substitution)
     }
 }
 
@@ -111,13 +135,14 @@ impl Authenticator for DynsecAuthenticator {
     fn can_publish(&self, client_id: &str, username: Option<&str>, topic: &str) -> bool {
         let guard = self.view.load();
         let Some(d) = guard.as_ref() else { return self.fallback.can_publish(client_id, username, topic) };
-        !broker_denies_publish(topic) && d.allowed(username, Access::PublishClientSend, topic)
+        !broker_denies_publish(topic)
+            && self.allowed(d, client_id, username, Access::PublishClientSend, topic)
     }
 
     fn can_subscribe(&self, client_id: &str, username: Option<&str>, filter: &str) -> bool {
         let guard = self.view.load();
         let Some(d) = guard.as_ref() else { return self.fallback.can_subscribe(client_id, username, filter) };
-        d.allowed(username, Access::Subscribe, filter)
+        self.allowed(d, client_id, username, Access::Subscribe, filter)
     }
 
     fn can_unsubscribe(&self, client_id: &str, username: Option<&str>, filter: &str) -> bool {
@@ -125,13 +150,13 @@ impl Authenticator for DynsecAuthenticator {
         let Some(d) = guard.as_ref() else {
             return self.fallback.can_unsubscribe(client_id, username, filter);
         };
-        d.allowed(username, Access::Unsubscribe, filter)
+        self.allowed(d, client_id, username, Access::Unsubscribe, filter)
     }
 
     fn can_receive(&self, client_id: &str, username: Option<&str>, topic: &str) -> bool {
         let guard = self.view.load();
         let Some(d) = guard.as_ref() else { return self.fallback.can_receive(client_id, username, topic) };
-        d.allowed(username, Access::PublishClientReceive, topic)
+        self.allowed(d, client_id, username, Access::PublishClientReceive, topic)
     }
 }
 

@@ -4,6 +4,11 @@
 //! compiled once into one entry list per access type with its filters split
 //! into levels. A check is one hash lookup and a short scan, without
 //! allocation. Never serialized: rebuilt on change and on load.
+//!
+//! `%c` / `%u` (the `[dynsec] acl_substitution` key): a level that is exactly
+//! `%c` or `%u` is compiled as its own [`Level`] kind; whether it stands for
+//! the client id / user name or for the literal text is decided per check
+//! ([`Subject`]), so one compiled structure serves both settings.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
@@ -18,6 +23,60 @@ use super::{Access, Dynsec};
 enum Level {
     Lit(Box<str>),
     Plus,
+    /// A level that is exactly `%c`.
+    ClientId,
+    /// A level that is exactly `%u`.
+    Username,
+}
+
+/// Who asks, for `%c` / `%u` substitution. With substitution off (Mosquitto
+/// 2.0.11) `%c` and `%u` are literal text.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Subject<'a> {
+    substitute: bool,
+    /// The client id, `None` when it cannot stand for a level (contains
+    /// `+`, `#` or `/`): then a `%c` level matches nothing.
+    client_id: Option<&'a str>,
+    /// Likewise for the user name (also `None` for anonymous clients).
+    username: Option<&'a str>,
+}
+
+fn level_value(s: &str) -> Option<&str> {
+    (!s.contains(['+', '#', '/'])).then_some(s)
+}
+
+impl<'a> Subject<'a> {
+    /// No substitution: `%c` / `%u` match only themselves.
+    pub(crate) const LITERAL: Subject<'static> =
+        Subject { substitute: false, client_id: None, username: None };
+
+    pub(crate) fn new(substitute: bool, client_id: &'a str, username: Option<&'a str>) -> Subject<'a> {
+        if !substitute {
+            return Subject::default();
+        }
+        Subject { substitute, client_id: level_value(client_id), username: username.and_then(level_value) }
+    }
+
+    /// Does ACL level `l` (never `+` here) equal topic/filter level `s`?
+    fn level_eq(&self, l: &Level, s: &str) -> bool {
+        match l {
+            Level::Lit(l) => **l == *s,
+            Level::Plus => s == "+",
+            Level::ClientId if self.substitute => self.client_id == Some(s),
+            Level::Username if self.substitute => self.username == Some(s),
+            Level::ClientId => s == "%c",
+            Level::Username => s == "%u",
+        }
+    }
+}
+
+fn parse_level(l: &str) -> Level {
+    match l {
+        "+" => Level::Plus,
+        "%c" => Level::ClientId,
+        "%u" => Level::Username,
+        _ => Level::Lit(l.into()),
+    }
 }
 
 /// A topic filter of a publish ACL, split into levels for MQTT matching.
@@ -34,7 +93,7 @@ struct Filter {
 }
 
 fn split_levels(body: &str) -> Box<[Level]> {
-    body.split('/').map(|l| if l == "+" { Level::Plus } else { Level::Lit(l.into()) }).collect()
+    body.split('/').map(parse_level).collect()
 }
 
 /// Mosquitto's `hash_check`: takes a trailing `#` or `/#` off. Note that
@@ -60,7 +119,7 @@ impl Filter {
     }
 
     /// MQTT matching of a topic name (publish types).
-    fn matches(&self, q: &Query) -> bool {
+    fn matches(&self, q: &Query, who: &Subject) -> bool {
         if self.never || (self.wild_first && q.dollar) {
             return false;
         }
@@ -71,7 +130,7 @@ impl Filter {
         }
         self.levels.iter().zip(q.levels.iter()).all(|(l, t)| match l {
             Level::Plus => true,
-            Level::Lit(s) => **s == **t,
+            l => who.level_eq(l, t),
         })
     }
 }
@@ -93,7 +152,7 @@ impl Pattern {
         Pattern { all: t == "#", levels: split_levels(body), hash }
     }
 
-    fn covers(&self, q: &Query) -> bool {
+    fn covers(&self, q: &Query, who: &Subject) -> bool {
         if self.all {
             return true;
         }
@@ -107,7 +166,7 @@ impl Pattern {
         // Levels past the pattern's are covered by its `#` (checked above).
         self.levels.iter().zip(q.levels.iter()).all(|(l, s)| match l {
             Level::Plus => true,
-            Level::Lit(l) => **l == **s,
+            l => who.level_eq(l, s),
         })
     }
 }
@@ -132,6 +191,9 @@ impl<'a> Query<'a> {
 enum Entry {
     /// subscribeLiteral / unsubscribeLiteral: exact string comparison.
     Literal(Box<str>, bool),
+    /// A literal with a `%c` or `%u` level: level by level, each level
+    /// compared as text (so `+` and `#` only match themselves).
+    LiteralSubst(Box<[Level]>, bool),
     /// subscribePattern / unsubscribePattern: the covers rule.
     Pattern(Pattern, bool),
     /// publishClientSend / publishClientReceive: MQTT matching.
@@ -156,7 +218,12 @@ impl CompiledRole {
                     Entry::Publish(Filter::new(&a.topic), a.allow)
                 }
                 AclType::SubscribeLiteral | AclType::UnsubscribeLiteral => {
-                    Entry::Literal(a.topic.as_str().into(), a.allow)
+                    let levels = split_levels(&a.topic);
+                    if levels.iter().any(|l| matches!(l, Level::ClientId | Level::Username)) {
+                        Entry::LiteralSubst(levels, a.allow)
+                    } else {
+                        Entry::Literal(a.topic.as_str().into(), a.allow)
+                    }
                 }
                 AclType::SubscribePattern | AclType::UnsubscribePattern => {
                     Entry::Pattern(Pattern::new(&a.topic), a.allow)
@@ -167,12 +234,18 @@ impl CompiledRole {
         CompiledRole { lists: lists.map(Vec::into_boxed_slice) }
     }
 
-    fn check(&self, idx: usize, q: &Query) -> Option<bool> {
+    fn check(&self, idx: usize, q: &Query, who: &Subject) -> Option<bool> {
         for e in self.lists[idx].iter() {
             let (hit, allow) = match e {
                 Entry::Literal(t, allow) => (!t.is_empty() && **t == *q.raw, *allow),
-                Entry::Pattern(f, allow) => (f.covers(q), *allow),
-                Entry::Publish(f, allow) => (f.matches(q), *allow),
+                Entry::LiteralSubst(levels, allow) => {
+                    let mut parts = q.raw.split('/');
+                    let same = levels.iter().all(|l| parts.next().is_some_and(|s| who.level_eq(l, s)))
+                        && parts.next().is_none();
+                    (same, *allow)
+                }
+                Entry::Pattern(f, allow) => (f.covers(q, who), *allow),
+                Entry::Publish(f, allow) => (f.matches(q, who), *allow),
             };
             if hit {
                 return Some(allow);
@@ -289,7 +362,7 @@ impl Compiled {
         Compiled { users, anonymous: anonymous.into_boxed_slice(), defaults: d.default_access }
     }
 
-    pub(crate) fn allowed(&self, username: Option<&str>, access: Access, topic: &str) -> bool {
+    pub(crate) fn allowed(&self, who: &Subject, username: Option<&str>, access: Access, topic: &str) -> bool {
         let chain = match username {
             Some(u) => match self.users.get(u) {
                 Some(c) => c,
@@ -300,7 +373,7 @@ impl Compiled {
         let idx = access_index(access);
         let q = Query::new(idx, topic);
         for role in chain.iter() {
-            if let Some(allow) = role.check(idx, &q) {
+            if let Some(allow) = role.check(idx, &q, who) {
                 return allow;
             }
         }

@@ -160,7 +160,26 @@ impl Dynsec {
     /// name for publish types, a filter for subscribe/unsubscribe). Fast: it
     /// runs on every PUBLISH and every delivery.
     pub fn allowed(&self, username: Option<&str>, access: Access, topic: &str) -> bool {
-        self.compiled.allowed(username, access, topic)
+        self.compiled.allowed(&acl::Subject::LITERAL, username, access, topic)
+    }
+
+    /// [`Dynsec::allowed`] for the client `client_id`. With `substitute`
+    /// (`[dynsec] acl_substitution`, as Mosquitto after 2.0.11 does), an ACL
+    /// topic level that is exactly `%c` stands for the client id and `%u` for
+    /// the user name, in ACLs of every type; a client id or user name holding
+    /// `+`, `#` or `/` never matches such a level, and `%u` never matches for
+    /// an anonymous client. Without it, the same decision as `allowed`
+    /// (Mosquitto 2.0.11: `%c` / `%u` are literal text).
+    pub fn allowed_client(
+        &self,
+        client_id: &str,
+        username: Option<&str>,
+        access: Access,
+        topic: &str,
+        substitute: bool,
+    ) -> bool {
+        let who = acl::Subject::new(substitute, client_id, username);
+        self.compiled.allowed(&who, username, access, topic)
     }
 
     /// Applies one prepared control request (see [`prepare_request`]).

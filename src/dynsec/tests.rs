@@ -708,6 +708,104 @@ fn acl_subscribe_literal_then_covers() {
     assert!(d.allowed(Some("bob"), Subscribe, "t/+"));
 }
 
+/// ACLs with `%c` / `%u` levels in every type (init defaults: send and
+/// subscribe deny, receive and unsubscribe allow, so the ACLs that must be
+/// seen matching are allow for the former and deny for the latter).
+fn substitution_fixture() -> Dynsec {
+    let mut d = fixture();
+    acl(&mut d, "r2", "publishClientSend", "u/%u/c/%c", 0, true);
+    acl(&mut d, "r2", "publishClientSend", "mid/x%c", 0, true);
+    acl(&mut d, "r2", "publishClientSend", "pre/%u", 0, true);
+    acl(&mut d, "r2", "publishClientReceive", "in/%c/#", 0, false);
+    acl(&mut d, "r2", "subscribeLiteral", "lit/%u", 0, true);
+    acl(&mut d, "r2", "subscribeLiteral", "cl/%c", 0, true);
+    acl(&mut d, "r2", "subscribePattern", "pat/%c/+", 0, true);
+    acl(&mut d, "r2", "unsubscribePattern", "un/%u/#", 0, false);
+    acl(&mut d, "r2", "unsubscribeLiteral", "ul/%c", 0, false);
+    acl(&mut d, "r3", "publishClientSend", "anon/%u", 0, true);
+    acl(&mut d, "r3", "publishClientSend", "anonc/%c", 0, true);
+    one(&mut d, r#"{"command":"createClient","username":"x/y","password":"p"}"#);
+    one(&mut d, r#"{"command":"addGroupClient","groupname":"g1","username":"x/y"}"#);
+    d
+}
+
+#[test]
+fn acl_substitution_off_is_literal_like_2_0_11() {
+    use Access::*;
+    let d = substitution_fixture();
+    let cases = [
+        (PublishClientSend, "u/%u/c/%c", true),
+        (PublishClientSend, "u/bob/c/bob-id", false),
+        (PublishClientSend, "mid/x%c", true),
+        (PublishClientReceive, "in/%c/x", false),
+        (PublishClientReceive, "in/bob-id/x", true),
+        (Subscribe, "lit/%u", true),
+        (Subscribe, "lit/bob", false),
+        (Subscribe, "cl/%c", true),
+        (Subscribe, "pat/%c/x", true),
+        (Subscribe, "pat/bob-id/x", false),
+        (Unsubscribe, "un/%u", false),
+        (Unsubscribe, "un/bob", true),
+        (Unsubscribe, "ul/%c", false),
+        (Unsubscribe, "ul/bob-id", true),
+    ];
+    for (access, topic, want) in cases {
+        assert_eq!(d.allowed_client("bob-id", Some("bob"), access, topic, false), want, "{access:?} {topic}");
+        assert_eq!(d.allowed(Some("bob"), access, topic), want, "allowed() agrees: {access:?} {topic}");
+    }
+    assert!(d.allowed_client("cid", None, PublishClientSend, "anon/%u", false));
+    assert!(!d.allowed_client("cid", None, PublishClientSend, "anonc/cid", false));
+}
+
+#[test]
+fn acl_substitution_on_replaces_whole_levels() {
+    use Access::*;
+    let d = substitution_fixture();
+    let bob = |access: Access, topic: &str| d.allowed_client("bob-id", Some("bob"), access, topic, true);
+    for (access, topic, want) in [
+        (PublishClientSend, "u/bob/c/bob-id", true),
+        (PublishClientSend, "u/%u/c/%c", false),
+        (PublishClientSend, "u/alice/c/bob-id", false),
+        (PublishClientSend, "u/bob/c/other", false),
+        // Only a whole level is substituted.
+        (PublishClientSend, "mid/x%c", true),
+        (PublishClientSend, "mid/xbob-id", false),
+        (PublishClientReceive, "in/bob-id/x", false),
+        (PublishClientReceive, "in/bob-id", false),
+        (PublishClientReceive, "in/%c/x", true),
+        (Subscribe, "lit/bob", true),
+        (Subscribe, "lit/%u", false),
+        (Subscribe, "lit/+", false),
+        (Subscribe, "lit/bob/x", false),
+        (Subscribe, "pat/bob-id/x", true),
+        (Subscribe, "pat/bob-id/+", true),
+        (Subscribe, "pat/+/x", false),
+        (Subscribe, "pat/%c/x", false),
+        (Unsubscribe, "un/bob", false),
+        (Unsubscribe, "un/bob/x/#", false),
+        (Unsubscribe, "un/alice", true),
+        (Unsubscribe, "ul/bob-id", false),
+        (Unsubscribe, "ul/%c", true),
+    ] {
+        assert_eq!(bob(access, topic), want, "{access:?} {topic}");
+    }
+    // Another client of the same user gets its own id.
+    assert!(d.allowed_client("bob-2", Some("bob"), PublishClientSend, "u/bob/c/bob-2", true));
+    assert!(!d.allowed_client("bob-2", Some("bob"), PublishClientSend, "u/bob/c/bob-id", true));
+    // A client id or user name with `+`, `#` or `/` never matches a substituted level.
+    assert!(!d.allowed_client("+", Some("bob"), Subscribe, "pat/+/x", true));
+    assert!(!d.allowed_client("+", Some("bob"), Subscribe, "cl/+", true));
+    assert!(d.allowed_client("c1", Some("bob"), Subscribe, "cl/c1", true));
+    assert!(!d.allowed_client("#", Some("bob"), Subscribe, "cl/#", true));
+    assert!(!d.allowed_client("a/b", Some("bob"), PublishClientSend, "u/bob/c/a/b", true));
+    assert!(!d.allowed_client("c1", Some("x/y"), PublishClientSend, "pre/x/y", true));
+    assert!(d.allowed_client("c1", Some("x/y"), PublishClientSend, "pre/%u", false));
+    // Anonymous clients: `%u` never matches, `%c` does.
+    assert!(!d.allowed_client("cid", None, PublishClientSend, "anon/%u", true));
+    assert!(!d.allowed_client("cid", None, PublishClientSend, "anon/", true));
+    assert!(d.allowed_client("cid", None, PublishClientSend, "anonc/cid", true));
+}
+
 // ---- files, proto, merge ----------------------------------------------
 
 #[test]

@@ -44,6 +44,8 @@ pub struct BrokerCfg {
     pub files: Vec<(String, Vec<u8>)>,
     /// The node's log filter (`RUST_LOG`), when not the default.
     pub log: Option<String>,
+    /// `key = value` lines of the [dynsec] section (raftmq only; value already TOML).
+    pub dynsec: Vec<String>,
     /// Lines for mosquitto.conf only (reference runs, see `against_mosquitto`);
     /// `{dir}` is replaced by the broker's temp dir.
     pub mosquitto: Vec<String>,
@@ -71,6 +73,10 @@ impl BrokerCfg {
     }
     pub fn mosquitto(mut self, line: &str) -> BrokerCfg {
         self.mosquitto.push(line.to_string());
+        self
+    }
+    pub fn dynsec(mut self, line: &str) -> BrokerCfg {
+        self.dynsec.push(line.to_string());
         self
     }
     pub fn file(mut self, name: &str, contents: &[u8]) -> BrokerCfg {
@@ -138,6 +144,13 @@ impl Broker {
         for l in &cfg.mqtt {
             toml.push_str(l);
             toml.push('\n');
+        }
+        if !cfg.dynsec.is_empty() {
+            toml.push_str("\n[dynsec]\n");
+            for l in &cfg.dynsec {
+                toml.push_str(l);
+                toml.push('\n');
+            }
         }
         toml.push_str(&format!(
             "\n[[listeners]]\nname = \"default\"\nkind = \"tcp\"\nbind = \"127.0.0.1:{mqtt_port}\"\n"
