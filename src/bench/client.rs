@@ -52,6 +52,8 @@ pub(crate) struct Dial {
     /// Keep the session: clean session 0 (3.1.1), or clean start 0 with a
     /// session expiry of [`PERSISTENT_EXPIRY_S`] (MQTT 5).
     pub persistent: bool,
+    pub username: Option<String>,
+    pub password: Option<bytes::Bytes>,
 }
 
 impl Conn {
@@ -84,6 +86,8 @@ impl Conn {
             clean_start: !dial.persistent,
             keep_alive: dial.keepalive,
             client_id: dial.client_id,
+            username: dial.username,
+            password: dial.password,
             ..Connect::default()
         };
         if dial.persistent && dial.version.is_v5() {

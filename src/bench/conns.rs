@@ -73,6 +73,8 @@ where
                 deadline,
                 name: format!("{role} {i}"),
                 persistent,
+                username: plan.username(i),
+                password: plan.password.clone(),
             };
             let filter = filter(i);
             let qos = plan.qos;

@@ -18,6 +18,11 @@ use crate::protocol::{decode, encode, ConnAck, Packet, ProtocolVersion, PubResp,
 type Routes = Arc<Mutex<Vec<(String, QoS, mpsc::Sender<Publish>)>>>;
 /// Client ids whose session the peer keeps (connected without clean start).
 type Sessions = Arc<Mutex<HashSet<String>>>;
+/// The user name of every CONNECT, in arrival order.
+type Users = Arc<Mutex<Vec<Option<String>>>>;
+
+/// The only password the peer accepts with a user name (CONNACK 0x87 else).
+const PEER_PASSWORD: &[u8] = b"pw";
 
 fn matches(filter: &str, topic: &str) -> bool {
     match filter.strip_suffix("/#") {
@@ -28,19 +33,26 @@ fn matches(filter: &str, topic: &str) -> bool {
 
 /// Starts the peer on an ephemeral port; returns the port.
 async fn start_peer() -> u16 {
+    start_peer_recording().await.0
+}
+
+/// [`start_peer`], also returning the user names it saw.
+async fn start_peer_recording() -> (u16, Users) {
+    let users: Users = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&users);
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind an ephemeral port");
     let port = listener.local_addr().expect("local address").port();
     let routes: Routes = Arc::new(Mutex::new(Vec::new()));
     let sessions: Sessions = Arc::new(Mutex::new(HashSet::new()));
     tokio::spawn(async move {
         while let Ok((sock, _)) = listener.accept().await {
-            tokio::spawn(serve(sock, Arc::clone(&routes), Arc::clone(&sessions)));
+            tokio::spawn(serve(sock, Arc::clone(&routes), Arc::clone(&sessions), Arc::clone(&seen)));
         }
     });
-    port
+    (port, users)
 }
 
-async fn serve(mut sock: TcpStream, routes: Routes, sessions: Sessions) {
+async fn serve(mut sock: TcpStream, routes: Routes, sessions: Sessions, users: Users) {
     let (tx, mut rx) = mpsc::channel::<Publish>(1024);
     let mut version: Option<ProtocolVersion> = None;
     let mut rbuf = BytesMut::with_capacity(64 * 1024);
@@ -61,6 +73,13 @@ async fn serve(mut sock: TcpStream, routes: Routes, sessions: Sessions) {
                     let reply = match packet {
                         Packet::Connect(c) => {
                             version = Some(c.protocol.0);
+                            users.lock().expect("users lock").push(c.username.clone());
+                            if c.username.is_some() && c.password.as_deref() != Some(PEER_PASSWORD) {
+                                let refused = ConnAck { reason_code: 0x87, ..ConnAck::default() };
+                                encode(&Packet::ConnAck(refused), c.protocol.0, &mut out).expect("encode");
+                                let _ = sock.write_all(&out).await;
+                                return;
+                            }
                             let mut known = sessions.lock().expect("sessions lock");
                             // MQTT 5 without a session expiry ends the session with the connection.
                             let keeps = !c.clean_start
@@ -252,4 +271,41 @@ async fn storm_phases_split_across_runs_and_count_lost_sessions() {
     let r =
         run_async(BenchArgs { port: other, ..storm(StormPhase::Resume) }).await.expect("resume elsewhere");
     assert_eq!((r.connected, r.sessions_present, r.sessions_missing), (Some(80), Some(0), Some(80)));
+}
+
+#[tokio::test]
+async fn credentials_and_topic_prefix_reach_the_broker() {
+    let (port, users) = start_peer_recording().await;
+    let creds = |password: &str| BenchArgs {
+        clients: Some(5),
+        username: Some("bench-{i}".into()),
+        password: Some(password.into()),
+        user_count: Some(3),
+        ..args(port, Scenario::ConnRate)
+    };
+    let r = run_async(creds("pw")).await.expect("conn-rate with credentials");
+    assert_eq!((r.connected, r.failed), (Some(5), Some(0)));
+    let mut seen: Vec<_> =
+        users.lock().expect("users lock").drain(..).map(Option::unwrap_or_default).collect();
+    seen.sort();
+    assert_eq!(seen, ["bench-0", "bench-0", "bench-1", "bench-1", "bench-2"]);
+    // A wrong password: the refusal (and its reason code) is the run's error.
+    let r = run_async(creds("wrong")).await;
+    assert!(matches!(r, Err(crate::bench::BenchError::Refused { code: 0x87, .. })), "{r:?}");
+    users.lock().expect("users lock").clear();
+    // p2p under a topic prefix, with credentials: pairs share their user name.
+    let a = BenchArgs {
+        clients: Some(2),
+        msgs: Some(500),
+        username: Some("bench-{i}".into()),
+        password: Some("pw".into()),
+        topic_prefix: "bench/p2p".into(),
+        ..args(port, Scenario::P2p)
+    };
+    let r = run_async(a).await.expect("p2p with credentials");
+    assert_eq!((r.published, r.received), (Some(500), Some(500)));
+    let mut seen: Vec<_> =
+        users.lock().expect("users lock").drain(..).map(Option::unwrap_or_default).collect();
+    seen.sort();
+    assert_eq!(seen, ["bench-0", "bench-0", "bench-1", "bench-1"]);
 }

@@ -1,5 +1,5 @@
 //! The message scenarios: p2p (N publisher/subscriber pairs), fanin
-//! (N publishers -> 1 subscriber on bench/#) and fanout (1 publisher ->
+//! (N publishers -> 1 subscriber on bench/#; `--topic-prefix` replaces `bench`) and fanout (1 publisher ->
 //! N subscribers). Every connection has its own task; publishers keep a window
 //! of `--inflight` unacknowledged QoS 1/2 publishes and write in batches.
 
@@ -59,6 +59,7 @@ struct Topology {
 
 fn topology(plan: &Plan) -> Topology {
     let n = plan.clients;
+    let prefix = &plan.topic_prefix;
     let split = |total: u64, parts: usize| -> Vec<u64> {
         if total == u64::MAX {
             return vec![u64::MAX; parts];
@@ -68,24 +69,24 @@ fn topology(plan: &Plan) -> Topology {
     };
     match plan.scenario {
         Scenario::Fanin => Topology {
-            pub_topics: (0..n).map(|i| format!("bench/{i}")).collect(),
+            pub_topics: (0..n).map(|i| format!("{prefix}/{i}")).collect(),
             pub_msgs: split(plan.msgs, n),
-            sub_filters: vec![("bench/#".to_string(), 0)],
+            sub_filters: vec![(format!("{prefix}/#"), 0)],
             pub_counter: vec![0; n],
             counters: 1,
         },
         Scenario::Fanout => Topology {
-            pub_topics: vec!["bench/fanout".to_string()],
+            pub_topics: vec![format!("{prefix}/fanout")],
             pub_msgs: vec![plan.msgs],
-            sub_filters: (0..n).map(|_| ("bench/fanout".to_string(), 0)).collect(),
+            sub_filters: (0..n).map(|_| (format!("{prefix}/fanout"), 0)).collect(),
             pub_counter: vec![0],
             counters: 1,
         },
         // p2p (the connection scenarios never come here).
         _ => Topology {
-            pub_topics: (0..n).map(|i| format!("bench/{i}")).collect(),
+            pub_topics: (0..n).map(|i| format!("{prefix}/{i}")).collect(),
             pub_msgs: split(plan.msgs, n),
-            sub_filters: (0..n).map(|i| (format!("bench/{i}"), i)).collect(),
+            sub_filters: (0..n).map(|i| (format!("{prefix}/{i}"), i)).collect(),
             pub_counter: (0..n).collect(),
             counters: n,
         },
@@ -491,5 +492,11 @@ mod tests {
         assert_eq!(t.pub_topics.len(), 1);
         assert_eq!(t.sub_filters.len(), 5);
         assert_eq!(t.counters, 1);
+        let prefixed =
+            plan(&BenchArgs { clients: Some(2), topic_prefix: "x/y".into(), ..BenchArgs::default() })
+                .expect("valid");
+        let t = topology(&prefixed);
+        assert_eq!(t.pub_topics, vec!["x/y/0".to_string(), "x/y/1".to_string()]);
+        assert_eq!(t.sub_filters[1], ("x/y/1".to_string(), 1));
     }
 }

@@ -187,6 +187,22 @@ pub struct BenchArgs {
     /// Print the report as JSON (the RESULT line still ends the output).
     #[arg(long)]
     pub json: bool,
+    /// User name sent in every CONNECT; `{i}` is replaced by the
+    /// connection's index within its role (publisher i and subscriber i of
+    /// p2p share it), modulo --user-count when given: `--username bench-{i}`
+    /// makes each client one of the dynamic-security benchmark users.
+    #[arg(long)]
+    pub username: Option<String>,
+    /// Password sent with --username.
+    #[arg(long, requires = "username")]
+    pub password: Option<String>,
+    /// With `{i}` in --username: cycle through this many user names.
+    #[arg(long, requires = "username", value_parser = clap::value_parser!(u64).range(1..))]
+    pub user_count: Option<u64>,
+    /// Message scenarios: topics are <prefix>/<i> (p2p, fanin; fanin
+    /// subscribes to <prefix>/#) and <prefix>/fanout.
+    #[arg(long, default_value = "bench")]
+    pub topic_prefix: String,
 }
 
 impl Default for BenchArgs {
@@ -212,6 +228,10 @@ impl Default for BenchArgs {
             threads: 1,
             keepalive: 300,
             json: false,
+            username: None,
+            password: None,
+            user_count: None,
+            topic_prefix: "bench".into(),
         }
     }
 }
@@ -238,6 +258,11 @@ pub(crate) struct Plan {
     pub keepalive: u16,
     /// Distinguishes the client ids of concurrent tool processes.
     pub run_id: String,
+    /// `--username` pattern (see [`Plan::username`]).
+    pub username: Option<String>,
+    pub password: Option<bytes::Bytes>,
+    pub user_count: Option<u64>,
+    pub topic_prefix: String,
 }
 
 impl Plan {
@@ -248,6 +273,17 @@ impl Plan {
         }
         let last = 1 + (idx % usize::from(self.src_ips)) as u8;
         Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, last)))
+    }
+
+    /// User name of connection `idx` (of any role): the --username pattern
+    /// with `{i}` replaced by `idx` (modulo --user-count).
+    pub fn username(&self, idx: usize) -> Option<String> {
+        let pattern = self.username.as_ref()?;
+        let i = match self.user_count {
+            Some(n) => idx as u64 % n,
+            None => idx as u64,
+        };
+        Some(pattern.replace("{i}", &i.to_string()))
     }
 
     /// Client id of connection `idx` of `role`: fixed for persistent
@@ -328,6 +364,16 @@ fn plan(args: &BenchArgs) -> Result<Plan, BenchError> {
             ));
         }
     }
+    if args.password.is_some() && args.username.is_none() {
+        return bad("--password needs --username".into());
+    }
+    let prefix = args.topic_prefix.trim_end_matches('/');
+    if prefix.is_empty() || prefix.contains(['+', '#']) {
+        return bad(format!(
+            "--topic-prefix {:?} (expected a topic name without wildcards)",
+            args.topic_prefix
+        ));
+    }
     let addr = resolve(&args.host, args.port)?;
     if args.src_ips > 1 && !(addr.ip().is_loopback() && addr.is_ipv4()) {
         return bad("--src-ips needs an IPv4 loopback broker address".into());
@@ -359,6 +405,10 @@ fn plan(args: &BenchArgs) -> Result<Plan, BenchError> {
         broker_pid: args.broker_pid,
         keepalive: args.keepalive,
         run_id,
+        username: args.username.clone(),
+        password: args.password.as_ref().map(|p| bytes::Bytes::from(p.clone().into_bytes())),
+        user_count: args.user_count,
+        topic_prefix: prefix.to_string(),
     })
 }
 
@@ -448,6 +498,29 @@ mod tests {
         assert_eq!(storm.storm_phase, StormPhase::Setup);
         let plain = plan(&BenchArgs::default()).expect("valid arguments");
         assert!(!plain.persistent);
+        assert_eq!(plain.username(3), None);
+    }
+
+    #[tokio::test]
+    async fn user_names_and_topic_prefix() {
+        let p = plan(&BenchArgs {
+            username: Some("bench-{i}".into()),
+            password: Some("pw".into()),
+            user_count: Some(1000),
+            topic_prefix: "bench/p2p/".into(),
+            ..BenchArgs::default()
+        })
+        .expect("valid arguments");
+        assert_eq!(p.username(7).as_deref(), Some("bench-7"));
+        assert_eq!(p.username(1007).as_deref(), Some("bench-7"));
+        assert_eq!(p.password.as_deref(), Some(&b"pw"[..]));
+        assert_eq!(p.topic_prefix, "bench/p2p");
+        let fixed = plan(&BenchArgs { username: Some("u".into()), ..BenchArgs::default() }).expect("valid");
+        assert_eq!(fixed.username(5).as_deref(), Some("u"));
+        let no_user = BenchArgs { password: Some("pw".into()), ..BenchArgs::default() };
+        assert!(matches!(plan(&no_user), Err(BenchError::InvalidArgs(_))));
+        let wild = BenchArgs { topic_prefix: "a/+".into(), ..BenchArgs::default() };
+        assert!(matches!(plan(&wild), Err(BenchError::InvalidArgs(_))));
     }
 
     #[tokio::test]
