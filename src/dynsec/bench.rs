@@ -1,7 +1,8 @@
 //! Synthetic dynamic-security configurations for benchmarks (the issue's
 //! "1,000 clients, 100 roles, 10 ACLs each"), as control requests so they
 //! can go through the normal replicated path, plus a timing helper for
-//! [`Dynsec::allowed`]. Not used by the broker itself.
+//! [`Dynsec::allowed`]. Not used by the broker itself. tests/bench/gen_dynsec.py
+//! writes the same configuration as Mosquitto's dynamic-security.json.
 
 use std::time::{Duration, Instant};
 
@@ -31,15 +32,15 @@ impl Synthetic {
     /// One control request creating everything (unprepared: give it to
     /// [`super::prepare_request`]). Role `r` holds ACLs on
     /// `bench/r<r>/a<k>/#` alternating publishClientSend and
-    /// publishClientReceive, plus, as its last ACL, allow both ways on
-    /// `bench/p2p/#` — so a p2p check scans every ACL of every role of the
+    /// publishClientReceive, subscribePattern `bench/p2p/#`, plus, as its
+    /// last ACLs, allow both ways on `bench/p2p/#` — so a p2p check scans every ACL of every role of the
     /// client before it matches (the worst case). Client `i` holds roles
     /// `(i + j) % roles` for `j < roles_per_client`, with `password`.
     pub fn request(&self, password: &str) -> Vec<u8> {
         let mut commands = Vec::new();
         for r in 0..self.roles {
             let mut acls = Vec::new();
-            for k in 0..self.acls_per_role.saturating_sub(2) {
+            for k in 0..self.acls_per_role.saturating_sub(3) {
                 let t = if k % 2 == 0 { "publishClientSend" } else { "publishClientReceive" };
                 acls.push(obj(vec![
                     ("acltype", J::str(t)),
@@ -47,6 +48,11 @@ impl Synthetic {
                     ("allow", J::Bool(true)),
                 ]));
             }
+            acls.push(obj(vec![
+                ("acltype", J::str("subscribePattern")),
+                ("topic", J::str("bench/p2p/#")),
+                ("allow", J::Bool(true)),
+            ]));
             for t in ["publishClientSend", "publishClientReceive"] {
                 acls.push(obj(vec![
                     ("acltype", J::str(t)),

@@ -997,6 +997,8 @@ fn synthetic_benchmark_configuration() {
     assert!(d.authenticate(&u, Some(b"pw"), "x"));
     assert!(d.allowed(Some(&u), Access::PublishClientSend, "bench/p2p/5"));
     assert!(d.allowed(Some(&u), Access::PublishClientReceive, "bench/p2p/5"));
+    assert!(d.allowed(Some(&u), Access::Subscribe, "bench/p2p/5"));
+    assert!(!d.allowed(Some(&u), Access::Subscribe, "bench/r5/a0/x"));
     // Client 5 holds roles 5, 6, 0 (of 7); role 1 is not among them.
     assert!(d.allowed(Some(&u), Access::PublishClientSend, "bench/r6/a0/x"));
     assert!(!d.allowed(Some(&u), Access::PublishClientSend, "bench/r1/a0/x"));
