@@ -12,6 +12,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use smallvec::SmallVec;
@@ -280,7 +281,7 @@ type RoleChain = Box<[Arc<CompiledRole>]>;
 /// administrator created; a lookup cannot add entries, so there is no
 /// hash-flooding surface.
 #[derive(Default, Clone, Copy)]
-struct FxHasher(u64);
+pub(crate) struct FxHasher(u64);
 
 impl FxHasher {
     fn add(&mut self, w: u64) {
@@ -314,12 +315,28 @@ impl Hasher for FxHasher {
     }
 }
 
+/// Source of [`Compiled::version`]: unique in the process, never 0.
+static NEXT_VERSION: AtomicU64 = AtomicU64::new(1);
+
 /// The derived decision structure of a [`Dynsec`].
-#[derive(Default)]
 pub(crate) struct Compiled {
     users: HashMap<Box<str>, RoleChain, BuildHasherDefault<FxHasher>>,
     anonymous: RoleChain,
     defaults: DefaultAccess,
+    /// Identifies this structure (so the decisions it gives) in the
+    /// process: every build takes a new one. The key of the decision memo.
+    pub(crate) version: u64,
+}
+
+impl Default for Compiled {
+    fn default() -> Compiled {
+        Compiled {
+            users: HashMap::default(),
+            anonymous: RoleChain::default(),
+            defaults: DefaultAccess::default(),
+            version: NEXT_VERSION.fetch_add(1, Ordering::Relaxed),
+        }
+    }
 }
 
 impl std::fmt::Debug for Compiled {
@@ -359,7 +376,12 @@ impl Compiled {
         if let Some(g) = &d.anonymous_group {
             group_chain(g, &mut anonymous);
         }
-        Compiled { users, anonymous: anonymous.into_boxed_slice(), defaults: d.default_access }
+        Compiled {
+            users,
+            anonymous: anonymous.into_boxed_slice(),
+            defaults: d.default_access,
+            version: NEXT_VERSION.fetch_add(1, Ordering::Relaxed),
+        }
     }
 
     pub(crate) fn allowed(&self, who: &Subject, username: Option<&str>, access: Access, topic: &str) -> bool {

@@ -17,7 +17,8 @@
 //!
 //! Layout: `model` (the types and their ordering rules), `commands` (the
 //! control API and [`prepare_request`]), `acl` (the derived decision
-//! structure behind [`Dynsec::allowed`]), `hash` (PBKDF2), `file` (Mosquitto's
+//! structure behind [`Dynsec::allowed`]), `memo` (a per-thread memo of
+//! recent decisions, keyed by the compiled structure's version), `hash` (PBKDF2), `file` (Mosquitto's
 //! JSON file, `dynsec init`, protobuf, merge), `json` (an order-keeping JSON
 //! value with cJSON's case-insensitive lookup).
 //!
@@ -41,6 +42,7 @@ mod commands;
 mod file;
 mod hash;
 mod json;
+mod memo;
 pub mod model;
 #[cfg(test)]
 mod tests;
@@ -180,6 +182,25 @@ impl Dynsec {
     ) -> bool {
         let who = acl::Subject::new(substitute, client_id, username);
         self.compiled.allowed(&who, username, access, topic)
+    }
+
+    /// [`Dynsec::allowed_client`] through a per-thread memo of recent
+    /// decisions (`memo.rs`), keyed by every input and by the version of the
+    /// compiled ACLs: the same decision, a change applies at once, and a
+    /// repeated question (every PUBLISH of a client to its topics, every
+    /// delivery of them) skips the role scan. What the broker calls.
+    pub fn allowed_cached(
+        &self,
+        client_id: &str,
+        username: Option<&str>,
+        access: Access,
+        topic: &str,
+        substitute: bool,
+    ) -> bool {
+        let idx = acl::access_index(access);
+        memo::cached(self.compiled.version, idx, substitute, client_id, username, topic, || {
+            self.allowed_client(client_id, username, access, topic, substitute)
+        })
     }
 
     /// Applies one prepared control request (see [`prepare_request`]).

@@ -806,6 +806,69 @@ fn acl_substitution_on_replaces_whole_levels() {
     assert!(d.allowed_client("cid", None, PublishClientSend, "anonc/cid", true));
 }
 
+#[test]
+fn cached_decisions_equal_uncached_ones_and_follow_changes() {
+    use Access::*;
+    let mut d = substitution_fixture();
+    let topics = [
+        "u/bob/c/bob-id",
+        "u/%u/c/%c",
+        "in/bob-id/x",
+        "lit/bob",
+        "pat/bob-id/x",
+        "un/bob",
+        "ul/%c",
+        "anon/%u",
+        "anonc/c1",
+        "x",
+        "$CONTROL/dynamic-security/v1",
+    ];
+    let who = [
+        ("bob-id", Some("bob")),
+        ("c1", Some("bob")),
+        ("bob-id", Some("alice")),
+        ("c1", None),
+        ("bob-id", None),
+        ("c1", Some("ghost")),
+    ];
+    let check_all = |d: &Dynsec| {
+        // Twice: the second round answers from the memo.
+        for _ in 0..2 {
+            for access in [PublishClientSend, PublishClientReceive, Subscribe, Unsubscribe] {
+                for topic in topics {
+                    for (cid, user) in who {
+                        for sub in [false, true] {
+                            assert_eq!(
+                                d.allowed_cached(cid, user, access, topic, sub),
+                                d.allowed_client(cid, user, access, topic, sub),
+                                "{access:?} {topic} {cid} {user:?} substitute={sub}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    };
+    check_all(&d);
+    // A change applies to the very next check, though the memo holds the old answer.
+    assert!(d.allowed_cached("bob-id", Some("bob"), PublishClientSend, "u/bob/c/bob-id", true));
+    one(
+        &mut d,
+        r#"{"command":"removeRoleACL","rolename":"r2","acltype":"publishClientSend","topic":"u/%u/c/%c"}"#,
+    );
+    assert!(!d.allowed_cached("bob-id", Some("bob"), PublishClientSend, "u/bob/c/bob-id", true));
+    one(&mut d, r#"{"command":"setDefaultACLAccess","acls":[{"acltype":"publishClientSend","allow":true}]}"#);
+    assert!(d.allowed_cached("bob-id", Some("bob"), PublishClientSend, "u/bob/c/bob-id", true));
+    check_all(&d);
+    // A clone answers from the same compiled ACLs; a state loaded from the
+    // same data gets its own version and the same answers.
+    let loaded = Dynsec::from_proto(&d.to_proto()).unwrap();
+    check_all(&loaded);
+    // Inputs too long to remember are still decided.
+    let long = format!("u/bob/c/{}", "x".repeat(300));
+    assert!(!d.allowed_cached("bob-id", Some("bob"), Subscribe, &long, true));
+}
+
 // ---- files, proto, merge ----------------------------------------------
 
 #[test]

@@ -1,0 +1,98 @@
+//! A per-thread memo of recent ACL decisions, behind
+//! [`super::Dynsec::allowed_cached`]: the broker asks the same question many
+//! times (a client publishing to a few topics; every delivery of them), and a
+//! hit costs a hash of the inputs and a few string comparisons instead of a
+//! role scan.
+//!
+//! Never changes a decision: an entry is keyed by every input of the decision
+//! (the access type, user name, client id when substitution is on, topic,
+//! substitution flag) and by the version of the compiled ACLs it was computed
+//! from, which is unique in the process and new after every change; so a
+//! change applies to the very next check, as Mosquitto's uncached plugin
+//! does. Direct-mapped, fixed size, strings reused: no allocation once warm,
+//! and long inputs bypass it, so its memory stays bounded.
+
+use std::cell::RefCell;
+use std::hash::Hasher;
+
+use super::acl::FxHasher;
+
+/// Entries per thread (a power of two: the slot is the hash's top bits).
+const SLOTS: usize = 128;
+const SLOT_BITS: u32 = SLOTS.trailing_zeros();
+/// Inputs longer than this are not remembered (memory stays bounded).
+const MAX_LEN: usize = 256;
+
+#[derive(Default)]
+struct Slot {
+    /// 0 = empty (versions start at 1).
+    version: u64,
+    /// Hash of the inputs: most mismatches end here.
+    hash: u64,
+    /// Access index, substitution flag and "has a user name", packed.
+    kind: u8,
+    allowed: bool,
+    username: String,
+    client_id: String,
+    topic: String,
+}
+
+thread_local! {
+    // Const-initialised (no lazy-init check per access); filled on first use.
+    static MEMO: RefCell<Vec<Slot>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The decision for these inputs: remembered, or `compute()` (then remembered).
+pub(crate) fn cached(
+    version: u64,
+    access: usize,
+    substitute: bool,
+    client_id: &str,
+    username: Option<&str>,
+    topic: &str,
+    compute: impl FnOnce() -> bool,
+) -> bool {
+    // Without substitution the client id plays no part in the decision.
+    let client_id = if substitute { client_id } else { "" };
+    let user = username.unwrap_or("");
+    if topic.len() > MAX_LEN || user.len() > MAX_LEN || client_id.len() > MAX_LEN {
+        return compute();
+    }
+    let kind = (access as u8) | (u8::from(substitute) << 3) | (u8::from(username.is_some()) << 4);
+    let mut h = FxHasher::default();
+    h.write(topic.as_bytes());
+    h.write_u8(kind);
+    h.write(user.as_bytes());
+    h.write_u8(0xff);
+    h.write(client_id.as_bytes());
+    let hash = h.finish();
+    let idx = (hash >> (64 - SLOT_BITS)) as usize;
+    MEMO.with(|memo| {
+        let Ok(mut memo) = memo.try_borrow_mut() else { return compute() };
+        if memo.is_empty() {
+            memo.resize_with(SLOTS, Slot::default);
+        }
+        let Some(slot) = memo.get_mut(idx) else { return compute() };
+        if slot.hash == hash
+            && slot.version == version
+            && slot.kind == kind
+            && slot.topic == topic
+            && slot.username == user
+            && slot.client_id == client_id
+        {
+            return slot.allowed;
+        }
+        let allowed = compute();
+        slot.version = version;
+        slot.hash = hash;
+        slot.kind = kind;
+        slot.allowed = allowed;
+        for (field, value) in
+            [(&mut slot.topic, topic), (&mut slot.username, user), (&mut slot.client_id, client_id)]
+        {
+            field.clear();
+            field.push_str(value);
+        }
+        allowed
+    })
+}
