@@ -27,8 +27,6 @@ const MAX_LEN: usize = 256;
 struct Slot {
     /// 0 = empty (versions start at 1).
     version: u64,
-    /// Hash of the inputs: most mismatches end here.
-    hash: u64,
     /// Access index, substitution flag and "has a user name", packed.
     kind: u8,
     allowed: bool,
@@ -38,8 +36,7 @@ struct Slot {
 }
 
 thread_local! {
-    // Const-initialised (no lazy-init check per access); filled on first use.
-    static MEMO: RefCell<Vec<Slot>> = const { RefCell::new(Vec::new()) };
+    static MEMO: RefCell<Box<[Slot]>> = RefCell::new((0..SLOTS).map(|_| Slot::default()).collect());
 }
 
 /// The decision for these inputs: remembered, or `compute()` (then remembered).
@@ -65,16 +62,11 @@ pub(crate) fn cached(
     h.write(user.as_bytes());
     h.write_u8(0xff);
     h.write(client_id.as_bytes());
-    let hash = h.finish();
-    let idx = (hash >> (64 - SLOT_BITS)) as usize;
+    let idx = (h.finish() >> (64 - SLOT_BITS)) as usize;
     MEMO.with(|memo| {
         let Ok(mut memo) = memo.try_borrow_mut() else { return compute() };
-        if memo.is_empty() {
-            memo.resize_with(SLOTS, Slot::default);
-        }
         let Some(slot) = memo.get_mut(idx) else { return compute() };
-        if slot.hash == hash
-            && slot.version == version
+        if slot.version == version
             && slot.kind == kind
             && slot.topic == topic
             && slot.username == user
@@ -84,7 +76,6 @@ pub(crate) fn cached(
         }
         let allowed = compute();
         slot.version = version;
-        slot.hash = hash;
         slot.kind = kind;
         slot.allowed = allowed;
         for (field, value) in

@@ -24,6 +24,8 @@
 #   DYNSEC_PLUGIN  Mosquitto's plugin (default: Debian's path below)
 #   CASES          subset of: p2p-qos0 conn-rate conn-rate-anon (default: all)
 #   ROUNDS         A,B,B,A blocks per case (default 1 -> 2 runs of each side)
+#   ONLY           run only the pairs whose configurations all start with this
+#                  (e.g. "raftmq": the p2p on/off pair of raftmq alone)
 #   OUT            directory for logs and raw RESULT lines (default: a new temp dir)
 #   BENCH_TIMEOUT  --timeout of each tool run in seconds (default 180)
 #   P2P_MSGS       messages of the p2p case (default 300000)
@@ -221,9 +223,17 @@ run_one() {
   echo "case=$case config=$config $line" | tee -a "$results"
 }
 
+# The pairs of a case that ONLY selects.
+pairs_of() {
+  local pair
+  for pair in ${CASE_PAIRS[$1]}; do
+    if [[ -z "${ONLY:-}" || ( ${pair%/*} == "$ONLY"* && ${pair#*/} == "$ONLY"* ) ]]; then echo "$pair"; fi
+  done
+}
+
 n=0
 for case in $CASES; do
-  for pair in ${CASE_PAIRS[$case]}; do
+  for pair in $(pairs_of "$case"); do
     a=${pair%/*} b=${pair#*/}
     for ((r = 0; r < ROUNDS; r++)); do
       for config in "$a" "$b" "$b" "$a"; do
@@ -237,7 +247,7 @@ done
 echo
 echo "Medians [min-max]; ratio = B / A (raw lines: $results)"
 for case in $CASES; do
-  for pair in ${CASE_PAIRS[$case]}; do
+  for pair in $(pairs_of "$case"); do
     a=${pair%/*} b=${pair#*/}
     for spec in ${CASE_METRICS[$case]}; do
       IFS=: read -r metric cmp goal <<<"$spec"
