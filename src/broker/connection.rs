@@ -950,12 +950,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             self.queue_action(Action::Control { ack, response: None });
             return Ok(());
         }
-        if self.inner.state.read().dynsec().is_none() {
+        let remote = self.inner.control.get().cloned();
+        let initialised = match &remote {
+            Some(api) => api.initialised(),
+            None => self.inner.state.read().dynsec().is_some(),
+        };
+        if !initialised {
             let response = crate::state::unavailable_response(&msg.payload, crate::state::NOT_INITIALISED);
             self.queue_action(Action::Control { ack, response: Some(response) });
             return Ok(());
         }
         let request = dynsec::prepare_request(&msg.payload);
+        if let Some(api) = remote {
+            // Dynamic security lives in another group (dynsec-sync): its
+            // answer comes back like a commit of our own.
+            let (tx, rx) = oneshot::channel();
+            tokio::spawn(async move {
+                let reply = match api.submit(request).await {
+                    Ok(response) => Ok(Applied { dynsec_response: Some(response), ..Applied::default() }),
+                    Err(e) => Err(crate::state::StateError::Unavailable(e)),
+                };
+                let _ = tx.send(reply);
+            });
+            self.pending.push_back(Pending {
+                stage: Stage::Waiting(rx),
+                action: Action::Control { ack, response: None },
+            });
+            return Ok(());
+        }
         let cmd = pb::Command {
             cmd: Some(pb::command::Cmd::DynsecControl(pb::DynsecControl { request: request.into() })),
         };
