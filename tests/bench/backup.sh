@@ -106,6 +106,8 @@ peaks() {
   echo "$s"
 }
 now() { date +%s.%N; }
+# Times any node stopped serving (lost leadership or quorum contact) so far.
+stepdowns() { cat "$cluster_dir"/node-*/raftmq.log 2>/dev/null | grep -c "stopped serving MQTT" || true; }
 secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
 
 echo "generating a backup of $RETAINED retained messages and $SESSIONS sessions ..."
@@ -124,35 +126,48 @@ echo "leader: node $leader ($url)"
 
 # ---- restore
 reset_peaks
+sd0=$(stepdowns)
 t0=$(now)
 "$RAFTMQ_BIN" ctl --url "$url" backup restore "$OUT/synthetic.tar.gz" --mode replace 2>/dev/null | tee "$OUT/restore.out"
-line="case=restore RESULT retained=$RETAINED sessions=$SESSIONS seconds=$(secs "$t0" "$(now)")$(peaks)"
+line="case=restore RESULT retained=$RETAINED sessions=$SESSIONS seconds=$(secs "$t0" "$(now)")$(peaks) stepdowns=$(($(stepdowns) - sd0))"
 echo "$line" | tee -a "$results"
 curl -s "$url/api/v1/state/digest" >"$OUT/digest-after-restore.json"
 
+# Leadership may have moved (counted in the node logs); follow it.
+leader=$(wait_leader)
+url="http://127.0.0.1:$((base + 100 + leader - 1))"
+mqtt_port=$((base + leader - 1))
+
 # ---- export
 reset_peaks
+sd0=$(stepdowns)
 t0=$(now)
 "$RAFTMQ_BIN" ctl --url "$url" backup create 2>/dev/null | tee "$OUT/export.out"
 bytes=$(grep -o 'bytes=[0-9]*' "$OUT/export.out" | cut -d= -f2)
-line="case=export RESULT retained=$RETAINED sessions=$SESSIONS seconds=$(secs "$t0" "$(now)") file_bytes=${bytes:--}$(peaks)"
+line="case=export RESULT retained=$RETAINED sessions=$SESSIONS seconds=$(secs "$t0" "$(now)") file_bytes=${bytes:--}$(peaks) stepdowns=$(($(stepdowns) - sd0))"
 echo "$line" | tee -a "$results"
 
 # ---- latency with and without an export running
+leader=$(wait_leader)
+url="http://127.0.0.1:$((base + 100 + leader - 1))"
+mqtt_port=$((base + leader - 1))
 bench() {
   "$RAFTMQ_BIN" bench --host 127.0.0.1 --port "$mqtt_port" --scenario p2p --qos 1 --rate "$RATE" \
-    --duration "$LAT_SECONDS" --protocol 5 2>&1 | tail -1
+    --duration "$LAT_SECONDS" --protocol 5 >"$OUT/$1.out" 2>&1 || echo "bench exited with $? (see $OUT/$1.out)" >&2
+  grep '^RESULT' "$OUT/$1.out" || echo "RESULT none"
 }
-r=$(bench)
-echo "case=latency-idle $r" | tee -a "$results"
+sd0=$(stepdowns)
+r=$(bench latency-idle)
+echo "case=latency-idle $r stepdowns=$(($(stepdowns) - sd0))" | tee -a "$results"
+sd0=$(stepdowns)
 (
   while true; do "$RAFTMQ_BIN" ctl --url "$url" backup create >>"$OUT/exports-under-load.out" 2>&1 || true; done
 ) &
 exporter_pid=$!
-r=$(bench)
+r=$(bench latency-export)
 kill "$exporter_pid" 2>/dev/null || true
 wait "$exporter_pid" 2>/dev/null || true
 exporter_pid=""
 n_exports=$(grep -c "written on node" "$OUT/exports-under-load.out" || true)
-echo "case=latency-export $r exports_during_run=$n_exports" | tee -a "$results"
+echo "case=latency-export $r exports_during_run=$n_exports stepdowns=$(($(stepdowns) - sd0))" | tee -a "$results"
 echo "results: $results"
