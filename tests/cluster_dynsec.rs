@@ -74,21 +74,26 @@ async fn alice_pub(c: &Cluster, id: u64, password: &str, topic: &str) -> (i32, S
     (code, err)
 }
 
-#[tokio::test]
-async fn rights_follow_leadership() {
+/// Three nodes whose `[dynsec]` keys create the admin; returns once the
+/// leader has bootstrapped it (the admin can administer), with the leader.
+async fn start_with_admin() -> (Cluster, u64) {
     let mut opts = Opts::three();
     for id in 1..=3 {
         opts = opts.extra(id, "[dynsec]\ninit_admin = \"admin\"\ninit_password = \"adminpass\"\n");
     }
-    let mut c = Cluster::start(&opts).await;
+    let c = Cluster::start(&opts).await;
     let leader = c.leader(LEADER_WAIT).await;
-
-    // The admin of [dynsec] exists once the leader has bootstrapped it.
     wait_for("the configured admin to administer", LEADER_WAIT, || {
         let c = &c;
         async move { (ctrl(c, leader, &["listClients"]).await.0 == "admin\n").then_some(()) }
     })
     .await;
+    (c, leader)
+}
+
+#[tokio::test]
+async fn rights_follow_leadership() {
+    let (mut c, leader) = start_with_admin().await;
     for cmd in [
         &["createClient", "alice", "-p", "alicepw"][..],
         &["createRole", "writer"],
@@ -176,17 +181,7 @@ async fn next_pub(cl: &mut Client) -> Pub {
 
 #[tokio::test]
 async fn dynsec_sync_mode_serves_everywhere_and_switches_back() {
-    let mut opts = Opts::three();
-    for id in 1..=3 {
-        opts = opts.extra(id, "[dynsec]\ninit_admin = \"admin\"\ninit_password = \"adminpass\"\n");
-    }
-    let mut c = Cluster::start(&opts).await;
-    let leader = c.leader(LEADER_WAIT).await;
-    wait_for("the configured admin to administer", LEADER_WAIT, || {
-        let c = &c;
-        async move { (ctrl(c, leader, &["listClients"]).await.0 == "admin\n").then_some(()) }
-    })
-    .await;
+    let (mut c, leader) = start_with_admin().await;
     // Clients without a user name may do everything (anonymous group).
     for cmd in [
         &["createRole", "all"][..],
@@ -263,6 +258,28 @@ async fn dynsec_sync_mode_serves_everywhere_and_switches_back() {
         async move { (tool("mosquitto_pub", &bob).await.0 == 0).then_some(()) }
     })
     .await;
+
+    // mosquitto_ctrl works through any node: each command through the next one.
+    let ids = c.ids();
+    let cmds: [&[&str]; 6] = [
+        &["createRole", "r9"],
+        &["addRoleACL", "r9", "publishClientSend", "x/#", "allow"],
+        &["createClient", "carol", "-p", "carolpw"],
+        &["addClientRole", "carol", "r9", "5"],
+        &["createGroup", "g9"],
+        &["addGroupClient", "g9", "carol"],
+    ];
+    for (i, cmd) in cmds.iter().enumerate() {
+        let (out, err) = ctrl(&c, ids[i % ids.len()], cmd).await;
+        assert_eq!((out.as_str(), err.as_str()), ("", ""), "{cmd:?} through node {}", ids[i % ids.len()]);
+    }
+    for &id in &ids {
+        let (out, _) = ctrl(&c, id, &["getClient", "carol"]).await;
+        assert_eq!(
+            out, "Username: carol\nClientid:\nRoles:    r9 (priority: 5)\nGroups:   g9 (priority: -1)\n",
+            "getClient through node {id}"
+        );
+    }
 
     // Each node keeps its own sessions on its own disk across a restart.
     let (mut p2, _) = connect(&c, follower, &Conn::v5("p2").persistent()).await;

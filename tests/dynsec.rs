@@ -364,3 +364,15 @@ async fn ok_as(b: &Broker, user: &str, pw: &str, a: &[&str]) {
     let (out, err) = ctrl_as(b, user, pw, a).await;
     assert_eq!((out.as_str(), err.as_str()), ("", ""), "mosquitto_ctrl dynsec {a:?}");
 }
+
+#[tokio::test]
+async fn dynsec_sync_needs_a_cluster() {
+    if against_mosquitto() {
+        return; // raftmq's own CLI
+    }
+    let b = Broker::start().await;
+    let (done, out) = raftmq_ctl(&b, &["mode", "set", "dynsec-sync"]);
+    assert!(!done && out.contains("needs a cluster of several nodes"), "{out}");
+    let (done, out) = raftmq_ctl(&b, &["mode", "get"]);
+    assert!(done && out.trim() == "full-sync", "{out}");
+}

@@ -601,6 +601,11 @@ async fn set_mode(
 ) -> Response {
     on_leader(&st, method, &uri, &headers, body, |raft, body| async move {
         let req: ModeInfo = parse(&body)?;
+        if req.mode == Mode::DynsecSync && raft.members().len() < 2 {
+            // A single node has no local group to serve from (src/modes.rs),
+            // and active-active needs more than one node anyway.
+            return Err(err(StatusCode::CONFLICT, "dynsec-sync needs a cluster of several nodes"));
+        }
         let mode = match req.mode {
             Mode::FullSync => pb::Mode::FullSync,
             Mode::DynsecSync => pb::Mode::DynsecSync,
