@@ -9,8 +9,9 @@
 #            of each node during it (VmHWM, reset before).
 #   export   `ctl backup create` on the leader of that state: seconds, file
 #            size, peak RSS of each node during it.
-#   latency  MQTT QoS 1 p2p at a fixed rate (`raftmq bench`, RATE msg/s for
-#            LAT_SECONDS) against the leader: p99 publish-to-delivery and
+#   latency  MQTT QoS 1 p2p with a persistent subscriber (so every message goes
+#            through the Raft log) at a fixed rate (`raftmq bench`, RATE msg/s
+#            for LAT_SECONDS) against the leader: p99 publish-to-delivery and
 #            publish-to-PUBACK latency with no export, then while exports run
 #            back to back on the leader.
 #
@@ -23,6 +24,10 @@
 #   PAYLOAD      retained payload bytes (default 64)
 #   RATE         msg/s of the latency runs (default 2000)
 #   LAT_SECONDS  duration of each latency run (default 15)
+#   SNAPSHOT_EVERY  [cluster] snapshot_every of the nodes (default 1000000, so
+#                the periodic compaction snapshot, which every node takes at
+#                about the same log index, does not fall into the latency runs:
+#                they measure the export's cost, not compaction's)
 #   OUT          directory for logs, files and raw RESULT lines (default: a new temp dir)
 #
 # Raw lines go to $OUT/results.txt as "case=<name> RESULT ...".
@@ -36,6 +41,7 @@ SESSIONS=${SESSIONS:-100000}
 PAYLOAD=${PAYLOAD:-64}
 RATE=${RATE:-2000}
 LAT_SECONDS=${LAT_SECONDS:-15}
+SNAPSHOT_EVERY=${SNAPSHOT_EVERY:-1000000}
 OUT=${OUT:-$(mktemp -d /tmp/raftmq-backup-bench.XXXXXX)}
 mkdir -p "$OUT"
 results=$OUT/results.txt
@@ -116,7 +122,7 @@ python3 "$here/tests/bench/gen_backup.py" "$OUT/synthetic.tar.gz" "$RETAINED" "$
 echo "generated in $(secs "$t0" "$(now)") s: $(du -h "$OUT/synthetic.tar.gz" | cut -f1)"
 
 base=$(free_base)
-RAFTMQ_MQTT__MAX_QUEUED_MESSAGES=1000000 \
+RAFTMQ_MQTT__MAX_QUEUED_MESSAGES=1000000 RAFTMQ_CLUSTER__SNAPSHOT_EVERY=$SNAPSHOT_EVERY \
   "$RAFTMQ_BIN" local-cluster --nodes 3 --dir "$cluster_dir" --base-port "$base" >"$OUT/local-cluster.out" 2>&1 &
 supervisor_pid=$!
 leader=$(wait_leader)
@@ -153,7 +159,7 @@ url="http://127.0.0.1:$((base + 100 + leader - 1))"
 mqtt_port=$((base + leader - 1))
 bench() {
   "$RAFTMQ_BIN" bench --host 127.0.0.1 --port "$mqtt_port" --scenario p2p --qos 1 --rate "$RATE" \
-    --duration "$LAT_SECONDS" --protocol 5 >"$OUT/$1.out" 2>&1 || echo "bench exited with $? (see $OUT/$1.out)" >&2
+    --duration "$LAT_SECONDS" --protocol 5 --persistent >"$OUT/$1.out" 2>&1 || echo "bench exited with $? (see $OUT/$1.out)" >&2
   grep '^RESULT' "$OUT/$1.out" || echo "RESULT none"
 }
 sd0=$(stepdowns)
