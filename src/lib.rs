@@ -12,6 +12,7 @@ pub mod ctl;
 pub mod dynsec;
 pub mod listener;
 pub mod local_cluster;
+pub mod modes;
 pub mod node;
 pub mod protocol;
 pub mod raft;

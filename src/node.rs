@@ -105,6 +105,9 @@ pub fn run(config: Config) -> Result<(), NodeError> {
 pub struct Node {
     broker: Broker,
     raft: RaftNode,
+    /// The local group's broker and Raft node (cluster nodes; src/modes.rs).
+    local_broker: Option<Broker>,
+    local_raft: Option<RaftNode>,
     shutdown: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     mqtt_addrs: Vec<SocketAddr>,
@@ -190,17 +193,77 @@ impl Node {
                 return Err(e.into());
             }
         };
-        let broker = Broker::with_raft(
+        let gates = Arc::new(crate::modes::Gates::new());
+        let broker = Broker::with_raft_gated(
             config.mqtt.clone(),
-            auth,
-            state,
+            auth.clone(),
+            state.clone(),
             raft.clone(),
             &relay,
             commit_timeout(&cluster),
+            gates.full(),
         );
+        // A cluster node also runs its local group (dynsec-sync, src/modes.rs).
+        let local = if single {
+            None
+        } else {
+            let mut local_cfg = cluster.clone();
+            local_cfg.join = false;
+            local_cfg.tls = None;
+            local_cfg.nodes = vec![NodeInfo {
+                id: config.node_id,
+                cluster_addr: String::new(),
+                mqtt_addr: mqtt_addrs.first().map(|a| a.to_string()).unwrap_or_default(),
+                admin_addr: config.admin.listen.to_string(),
+            }];
+            let local_state = Arc::new(RwLock::new(State::new(config.mqtt.state_limits())));
+            let local_relay = EventRelay::new();
+            let local_dir = config.data_dir.join("local");
+            let local_raft =
+                match RaftNode::start_single(&local_cfg, &local_dir, local_state.clone(), local_relay.sink())
+                    .await
+                {
+                    Ok(r) => r,
+                    Err(e) => {
+                        broker.shutdown().await;
+                        let _ = raft.shutdown().await;
+                        return Err(e.into());
+                    }
+                };
+            let local_broker = Broker::with_raft_gated(
+                config.mqtt.clone(),
+                auth,
+                local_state.clone(),
+                local_raft.clone(),
+                &local_relay,
+                commit_timeout(&local_cfg),
+                gates.local(),
+            );
+            local_broker.set_control(Arc::new(crate::modes::ClusterControl {
+                raft: raft.clone(),
+                state: state.clone(),
+                token: config.admin.token.clone().filter(|t| !t.is_empty()),
+            }));
+            Some(crate::modes::Switch {
+                gates: gates.clone(),
+                cluster_raft: raft.clone(),
+                cluster_state: state.clone(),
+                local_raft,
+                local_state,
+                local_broker,
+                backup: backup.clone(),
+            })
+        };
+        let local_broker = local.as_ref().map(|l| l.local_broker.clone());
+        let local_raft = local.as_ref().map(|l| l.local_raft.clone());
 
-        let view =
-            Arc::new(RaftView { raft: raft.clone(), broker: broker.clone(), backup: Some(backup.clone()) });
+        let view = Arc::new(RaftView {
+            raft: raft.clone(),
+            broker: broker.clone(),
+            backup: Some(backup.clone()),
+            local_broker: local_broker.clone(),
+            gates: gates.clone(),
+        });
         let backup_routes = crate::backup::http::routes(backup.clone());
         let admin = match AdminServer::bind_with_extra(
             &config.admin,
@@ -228,6 +291,9 @@ impl Node {
                 warn!(error = %e, "admin HTTP server stopped");
             }
         }));
+        if let Some(switch) = local {
+            tasks.push(tokio::spawn(crate::modes::run(switch, shutdown.clone())));
+        }
         if let Some((admin, password)) = dynsec_init {
             tasks.push(tokio::spawn(bootstrap_dynsec(raft.clone(), admin, password, shutdown.clone())));
         }
@@ -236,8 +302,15 @@ impl Node {
         }
         for listener in listeners {
             let broker = broker.clone();
+            let local_broker = local_broker.clone();
+            let gates = gates.clone();
             let handler = move |stream, peer: SocketAddr| {
-                let broker = broker.clone();
+                // The mode picks the broker: the cluster's (full-sync) or this
+                // node's own (dynsec-sync).
+                let broker = match &local_broker {
+                    Some(local) if gates.dynsec() => local.clone(),
+                    _ => broker.clone(),
+                };
                 async move { broker.serve_connection(stream, peer).await }
             };
             tasks.push(tokio::spawn(listener.run(handler, shutdown.clone())));
@@ -251,6 +324,8 @@ impl Node {
         Ok(Node {
             broker,
             raft,
+            local_broker,
+            local_raft,
             shutdown,
             tasks,
             mqtt_addrs,
@@ -327,8 +402,16 @@ impl Node {
     pub async fn stop(self) {
         self.shutdown.cancel();
         self.broker.shutdown().await;
+        if let Some(local) = &self.local_broker {
+            local.shutdown().await;
+        }
         for task in self.tasks {
             let _ = task.await;
+        }
+        if let Some(local) = &self.local_raft {
+            if let Err(e) = local.shutdown().await {
+                warn!(error = %e, "local raft shutdown");
+            }
         }
         if let Err(e) = self.raft.shutdown().await {
             warn!(error = %e, "raft shutdown");
@@ -386,6 +469,19 @@ struct RaftView {
     raft: RaftNode,
     broker: Broker,
     backup: Option<crate::backup::BackupService>,
+    /// The broker of this node's local group (dynsec-sync), on cluster nodes.
+    local_broker: Option<Broker>,
+    gates: Arc<crate::modes::Gates>,
+}
+
+impl RaftView {
+    /// The broker that takes this node's clients in the current mode.
+    fn active_broker(&self) -> &Broker {
+        match &self.local_broker {
+            Some(local) if self.gates.dynsec() => local,
+            _ => &self.broker,
+        }
+    }
 }
 
 fn admin_role(r: raft::Role) -> Role {
@@ -402,7 +498,11 @@ impl AdminView for RaftView {
         let m = self.raft.metrics();
         // Serving needs both: Raft's rule, and the broker having taken over
         // the sessions (ResetConnections applied, router rebuilt).
-        let serving = m.serving && self.broker.is_serving();
+        let dynsec = self.gates.dynsec();
+        // Dynsec-sync: every member whose local broker serves (its handover
+        // imported); full-sync: only the serving leader.
+        let serving =
+            if dynsec { self.active_broker().is_serving() } else { m.serving && self.broker.is_serving() };
         NodeStatus {
             node_id: m.node_id,
             role: admin_role(m.role),
@@ -411,15 +511,16 @@ impl AdminView for RaftView {
             term: m.term,
             commit_index: m.commit_index.unwrap_or(0),
             applied_index: m.applied_index.unwrap_or(0),
-            mode: Mode::FullSync,
+            mode: if dynsec { Mode::DynsecSync } else { Mode::FullSync },
             serving,
             ready: serving,
         }
     }
 
     fn render_metrics(&self, out: &mut String) {
-        self.broker.metrics().render_prometheus(out);
-        render_raft_metrics(&self.raft, self.broker.is_serving(), out);
+        let broker = self.active_broker();
+        broker.metrics().render_prometheus(out);
+        render_raft_metrics(&self.raft, broker.is_serving(), out);
         if let Some(b) = &self.backup {
             b.render_metrics(out);
         }
@@ -704,8 +805,14 @@ mod tests {
         }
         assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
         assert!(!leader.broker().is_serving());
-        let status = RaftView { raft: leader.raft().clone(), broker: leader.broker().clone(), backup: None }
-            .node_status();
+        let status = RaftView {
+            raft: leader.raft().clone(),
+            broker: leader.broker().clone(),
+            backup: None,
+            local_broker: None,
+            gates: Arc::new(crate::modes::Gates::new()),
+        }
+        .node_status();
         assert!(!status.serving && !status.ready, "{status:?}");
         // And refuses new ones.
         let (_, ack) = Client::connect(leader.mqtt_addrs()[0], true).await;

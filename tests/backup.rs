@@ -255,6 +255,22 @@ async fn backup_restore_replace_merge_and_bad_files() {
     )
     .await;
 
+    // Dynamic security too: Mosquitto's `dynsec init` file (admin/adminpass),
+    // with every default access open so the anonymous test clients keep working.
+    let dynsec = work.path().join("dynsec.json");
+    let made = std::process::Command::new("/usr/bin/mosquitto_ctrl")
+        .args(["dynsec", "init", &dynsec.display().to_string(), "admin", "adminpass"])
+        .output()
+        .expect("mosquitto_ctrl");
+    assert!(made.status.success(), "mosquitto_ctrl dynsec init: {made:?}");
+    let mut doc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&dynsec).expect("dynsec file")).expect("dynsec JSON");
+    doc["defaultACLAccess"] = serde_json::json!({
+        "publishClientSend": true, "publishClientReceive": true, "subscribe": true, "unsubscribe": true
+    });
+    std::fs::write(&dynsec, doc.to_string()).expect("write dynsec file");
+    ctl(&a, a_leader, &["dynsec", "import", &dynsec.display().to_string()]).await;
+
     // ---- back up through a follower (it proposes through the leader)
     let out = ctl(&a, a_follower, &["backup", "create"]).await;
     let bk1 = backup_id(&out);
@@ -367,6 +383,17 @@ async fn backup_restore_replace_merge_and_bad_files() {
     }
     let r = retained(&b, "r/#", 3).await;
     assert_eq!(r.values().cloned().collect::<Vec<_>>(), ["A1", "A2", "A3"]);
+    // Users log in on B with the passwords they had on A (hashes carried over).
+    let (b_now, _) = leader_and_follower(&b).await;
+    let port = b.node(b_now).mqtt.port().to_string();
+    for (password, code) in [("adminpass", 0), ("wrong", 135)] {
+        let out = std::process::Command::new("/usr/bin/mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &port, "-V", "mqttv5", "-u", "admin", "-P", password])
+            .args(["-t", "$CONTROL/dynamic-security/v1/other", "-m", "x", "-q", "1"])
+            .output()
+            .expect("mosquitto_pub");
+        assert_eq!(out.status.code(), Some(code), "admin with {password:?} on B: {out:?}");
+    }
 
     // ---- live merge into B with a connected client: both sides present
     // A (the backup side) moves on: r/2 newer there, s1 gains a subscription

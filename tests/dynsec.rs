@@ -427,3 +427,15 @@ async fn acl_substitution_key() {
         assert_eq!(codes, want, "SUBACK of dev2, substitute={substitute}");
     }
 }
+
+#[tokio::test]
+async fn dynsec_sync_needs_a_cluster() {
+    if against_mosquitto() {
+        return; // raftmq's own CLI
+    }
+    let b = Broker::start().await;
+    let (done, out) = raftmq_ctl(&b, &["mode", "set", "dynsec-sync"]);
+    assert!(!done && out.contains("needs a cluster of several nodes"), "{out}");
+    let (done, out) = raftmq_ctl(&b, &["mode", "get"]);
+    assert!(done && out.trim() == "full-sync", "{out}");
+}

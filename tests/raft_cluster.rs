@@ -19,8 +19,22 @@ use tempfile::TempDir;
 
 const DEADLINE: Duration = Duration::from_secs(20);
 
+/// A free loopback port below the kernel's ephemeral range, so no outgoing
+/// connection (of this or another process) takes it between this choice and
+/// the node's bind (a port from `bind(0)` is in that range).
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse::<u16>().ok()))
+        .unwrap_or(32768)
+        .max(10_001);
+    for _ in 0..10_000 {
+        let port = rand::random_range(10_000..low);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port below {low}")
 }
 
 fn retained(topic: &str, payload: String) -> state::pb::Command {

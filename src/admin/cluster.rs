@@ -74,6 +74,7 @@ pub(crate) fn routes() -> Router<ApiState> {
         .route("/cluster/nodes/{id}", axum::routing::delete(remove_node))
         .route("/cluster/leader/transfer", post(transfer_leader))
         .route("/cluster/leader/pin", post(pin_leader).delete(unpin_leader))
+        .route("/cluster/mode", get(get_mode).post(set_mode))
 }
 
 // ------------------------------------------------------------ JSON bodies
@@ -134,6 +135,12 @@ pub struct AddNodeRequest {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeIdRequest {
     pub node_id: NodeId,
+}
+
+/// `GET|POST /api/v1/cluster/mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModeInfo {
+    pub mode: Mode,
 }
 
 /// Answer of the leader routes.
@@ -563,6 +570,50 @@ async fn unpin_leader(
         tracing::info!("leadership unpinned");
         let leader_id = raft.metrics().leader;
         Ok(Json(LeaderInfo { leader_id, pinned_leader: None }).into_response())
+    })
+    .await
+}
+
+// ------------------------------------------------------------ mode
+
+fn mode_of(raft: &RaftNode) -> Mode {
+    if raft.cluster_settings().mode == pb::Mode::DynsecSync as i32 {
+        Mode::DynsecSync
+    } else {
+        Mode::FullSync
+    }
+}
+
+async fn get_mode(State(st): State<ApiState>) -> Response {
+    match raft_of(&st) {
+        Ok(raft) => Json(ModeInfo { mode: mode_of(&raft) }).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Switches the mode (src/modes.rs says what happens to sessions).
+async fn set_mode(
+    State(st): State<ApiState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    on_leader(&st, method, &uri, &headers, body, |raft, body| async move {
+        let req: ModeInfo = parse(&body)?;
+        if req.mode == Mode::DynsecSync && raft.members().len() < 2 {
+            // A single node has no local group to serve from (src/modes.rs),
+            // and active-active needs more than one node anyway.
+            return Err(err(StatusCode::CONFLICT, "dynsec-sync needs a cluster of several nodes"));
+        }
+        let mode = match req.mode {
+            Mode::FullSync => pb::Mode::FullSync,
+            Mode::DynsecSync => pb::Mode::DynsecSync,
+        };
+        let cmd = pb::Command { cmd: Some(pb::command::Cmd::SetMode(pb::SetMode { mode: mode as i32 })) };
+        with_timeout(MEMBERSHIP_TIMEOUT, raft.apply_command(cmd)).await?;
+        tracing::info!(mode = ?req.mode, "cluster mode set");
+        Ok(Json(ModeInfo { mode: mode_of(&raft) }).into_response())
     })
     .await
 }

@@ -7,7 +7,11 @@
 //! - `PUT /dynsec` with a Mosquitto `dynamic-security.json` body: replaces the
 //!   whole dynamic-security state (migration from Mosquitto; hashes carried
 //!   over so users keep their passwords);
-//! - `GET /dynsec`: the state as a Mosquitto `dynamic-security.json`.
+//! - `GET /dynsec`: the state as a Mosquitto `dynamic-security.json`;
+//! - `POST /dynsec/control`: one control-API message *already prepared* by
+//!   `dynsec::prepare_request` (passwords hashed); answers the response
+//!   document. Nodes use it in dynsec-sync mode to hand the control requests
+//!   their clients send to the leader (src/modes.rs).
 //!
 //! Day-to-day administration is not here: it is Mosquitto's control API over
 //! MQTT (`mosquitto_ctrl dynsec ...`), handled by the broker.
@@ -39,7 +43,10 @@ pub struct DynsecSetAnswer {
 }
 
 pub(crate) fn routes() -> Router<ApiState> {
-    Router::new().route("/dynsec/init", post(init)).route("/dynsec", get(export).put(import))
+    Router::new()
+        .route("/dynsec/init", post(init))
+        .route("/dynsec", get(export).put(import))
+        .route("/dynsec/control", post(control))
 }
 
 /// Proposes a `DynsecSet`; returns whether dynsec was initialised before.
@@ -111,6 +118,23 @@ async fn export(
         let d =
             raft.dynsec().ok_or_else(|| err(StatusCode::NOT_FOUND, "dynamic security is not initialised"))?;
         Ok(([(header::CONTENT_TYPE, "application/json")], d.to_mosquitto_json()).into_response())
+    })
+    .await
+}
+
+async fn control(
+    State(st): State<ApiState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    on_leader(&st, method, &uri, &headers, body, |raft, body| async move {
+        let cmd =
+            pb::Command { cmd: Some(pb::command::Cmd::DynsecControl(pb::DynsecControl { request: body })) };
+        let applied = raft.apply_command(cmd).await?;
+        let response = applied.dynsec_response.unwrap_or_default();
+        Ok(([(header::CONTENT_TYPE, "application/json")], response).into_response())
     })
     .await
 }

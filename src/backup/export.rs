@@ -228,7 +228,9 @@ impl BackupService {
 
     async fn run_export(&self, id: &str) -> Result<BTreeMap<String, u64>, BackupError> {
         let before = members_key(self);
+        let t0 = tokio::time::Instant::now();
         self.raft().snapshot(SNAPSHOT_TIMEOUT).await?;
+        let snapshot_ms = t0.elapsed().as_millis() as u64;
         let snap = self
             .raft()
             .raft()
@@ -282,6 +284,8 @@ impl BackupService {
             return Err(BackupError::Cancelled("membership changed during the export".into()));
         }
         let mut counts = BTreeMap::new();
+        counts.insert("snapshot_ms".into(), snapshot_ms);
+        counts.insert("write_ms".into(), t0.elapsed().as_millis() as u64 - snapshot_ms);
         for p in &manifest.parts {
             counts.insert(p.name.trim_end_matches(".pbd").to_string(), p.records);
         }

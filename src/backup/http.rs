@@ -292,8 +292,12 @@ async fn restore(State(svc): State<BackupService>, UrlPath(id): UrlPath<String>,
     Ok((StatusCode::ACCEPTED, Json(Started { id: job, node_id: svc.node_id() })).into_response())
 }
 
-async fn digest(State(svc): State<BackupService>) -> Json<super::DigestInfo> {
-    Json(svc.digest())
+async fn digest(State(svc): State<BackupService>) -> ApiResult {
+    // Encodes the whole state: off the async workers.
+    let d = tokio::task::spawn_blocking(move || svc.digest())
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(Json(d).into_response())
 }
 
 async fn internal_propose(State(svc): State<BackupService>, body: Bytes) -> ApiResult {

@@ -425,9 +425,15 @@ impl BackupService {
         );
     }
 
+    /// Blocking (it encodes the whole state): call from a blocking thread.
     pub fn digest(&self) -> DigestInfo {
-        let st = self.inner.state.read();
-        let bytes = st.snapshot_bytes();
+        // Copy under the lock, encode after it (apply waits only for the copy).
+        let (snap, sessions, retained) = {
+            let st = self.inner.state.read();
+            (st.snapshot(), st.session_count() as u64, st.retained_count() as u64)
+        };
+        let bytes = snap.encode_to_vec();
+        drop(snap);
         let digest =
             format::hex(&sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(&bytes)));
         let content = state::content_digest_of_snapshot(&bytes).map(|d| format::hex(&d)).unwrap_or_default();
@@ -436,8 +442,8 @@ impl BackupService {
             applied_index: self.inner.raft.metrics().applied_index.unwrap_or(0),
             digest,
             content_digest: content,
-            sessions: st.session_count() as u64,
-            retained: st.retained_count() as u64,
+            sessions,
+            retained,
         }
     }
 

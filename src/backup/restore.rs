@@ -12,7 +12,12 @@ use super::{id_for, now_ms, BackupError, BackupService, JobInfo};
 use crate::state::pb as spb;
 
 /// A chunk is proposed once its records reach this many bytes.
-const CHUNK_BYTES: usize = 256 * 1024;
+const CHUNK_BYTES: usize = 128 * 1024;
+/// After each chunk the restore pauses as long as the chunk took to commit
+/// (times this fraction), so a restore leaves the nodes room for client
+/// traffic and heartbeats: back to back, large entries starved heartbeats on
+/// a loaded machine and cost leadership (docs/BENCHMARKS.md).
+const PACE: f64 = 1.0;
 /// Chunks proposed before waiting for their results (bounded).
 const CHUNK_QUEUE: usize = 4;
 
@@ -195,8 +200,11 @@ impl BackupService {
                 continue;
             }
             let (s, r) = (chunk.sessions.len() as u64, chunk.retained.len() as u64);
+            let started = tokio::time::Instant::now();
             match self.propose_one(spb::command::Cmd::RestoreChunk(chunk)).await {
                 Ok(()) => {
+                    let pause = started.elapsed().mul_f64(PACE).min(std::time::Duration::from_secs(1));
+                    tokio::time::sleep(pause).await;
                     sessions += s;
                     retained += r;
                     chunks += 1;

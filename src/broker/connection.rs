@@ -950,12 +950,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             self.queue_action(Action::Control { ack, response: None });
             return Ok(());
         }
-        if self.inner.state.read().dynsec().is_none() {
+        let remote = self.inner.control.get().cloned();
+        let initialised = match &remote {
+            Some(api) => api.initialised(),
+            None => self.inner.state.read().dynsec().is_some(),
+        };
+        if !initialised {
             let response = crate::state::unavailable_response(&msg.payload, crate::state::NOT_INITIALISED);
             self.queue_action(Action::Control { ack, response: Some(response) });
             return Ok(());
         }
         let request = dynsec::prepare_request(&msg.payload);
+        if let Some(api) = remote {
+            // Dynamic security lives in another group (dynsec-sync): its
+            // answer comes back like a commit of our own.
+            let (tx, rx) = oneshot::channel();
+            tokio::spawn(async move {
+                let reply = match api.submit(request).await {
+                    Ok(response) => Ok(Applied { dynsec_response: Some(response), ..Applied::default() }),
+                    Err(e) => Err(crate::state::StateError::Unavailable(e)),
+                };
+                let _ = tx.send(reply);
+            });
+            self.pending.push_back(Pending {
+                stage: Stage::Waiting(rx),
+                action: Action::Control { ack, response: None },
+            });
+            return Ok(());
+        }
         let cmd = pb::Command {
             cmd: Some(pb::command::Cmd::DynsecControl(pb::DynsecControl { request: request.into() })),
         };
@@ -1536,6 +1558,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         None
     }
 
+    /// A State in-flight message this connection will not send (expired,
+    /// too large, or not allowed): acknowledged in the client's place so the
+    /// window moves on.
+    fn drop_state_delivery(&mut self, pid: u16, qos: u8, msg_key: usize) {
+        self.cold().state_sent.insert(pid, Sent::Done { msg: msg_key });
+        let kind = if qos == 2 { pb::AckKind::Pubcomp } else { pb::AckKind::Puback };
+        self.acks.push(pb::AckEntry {
+            client_id: self.client_id.to_string(),
+            packet_id: u32::from(pid),
+            kind: kind as i32,
+        });
+    }
+
     /// Sends State's in-flight messages of this session not yet sent on this
     /// connection (PUBLISH, or PUBREL for those waiting for PUBCOMP).
     fn scan_state(&mut self) {
@@ -1581,13 +1616,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             let m = &e.delivery.message;
             if !inner.auth.can_receive(&self.client_id, self.username(), &m.topic) {
                 // publishClientReceive denies it now: dropped as if acknowledged.
-                self.cold().state_sent.insert(pid, Sent::Done { msg: msg_key });
-                let kind = if e.delivery.qos == 2 { pb::AckKind::Pubcomp } else { pb::AckKind::Puback };
-                self.acks.push(pb::AckEntry {
-                    client_id: self.client_id.to_string(),
-                    packet_id: u32::from(pid),
-                    kind: kind as i32,
-                });
+                self.drop_state_delivery(pid, e.delivery.qos, msg_key);
                 continue;
             }
             let expiry = if m.expires_at_ms == 0 {
@@ -1595,13 +1624,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             } else if m.expires_at_ms <= now {
                 // Expired in flight: drop it as if acknowledged.
                 Metrics::inc(&inner.metrics.messages_expired);
-                self.cold().state_sent.insert(pid, Sent::Done { msg: msg_key });
-                let kind = if e.delivery.qos == 2 { pb::AckKind::Pubcomp } else { pb::AckKind::Puback };
-                self.acks.push(pb::AckEntry {
-                    client_id: self.client_id.to_string(),
-                    packet_id: u32::from(pid),
-                    kind: kind as i32,
-                });
+                self.drop_state_delivery(pid, e.delivery.qos, msg_key);
                 continue;
             } else {
                 Some(u32::try_from((m.expires_at_ms - now).div_ceil(1000)).unwrap_or(u32::MAX))
@@ -1627,13 +1650,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             });
             if !self.fits(&pkt) {
                 // Too large for this client: acknowledge it ourselves so the window moves on.
-                self.cold().state_sent.insert(pid, Sent::Done { msg: msg_key });
-                let kind = if e.delivery.qos == 2 { pb::AckKind::Pubcomp } else { pb::AckKind::Puback };
-                self.acks.push(pb::AckEntry {
-                    client_id: self.client_id.to_string(),
-                    packet_id: u32::from(pid),
-                    kind: kind as i32,
-                });
+                self.drop_state_delivery(pid, e.delivery.qos, msg_key);
                 continue;
             }
             self.io.send(&pkt, &inner.metrics);

@@ -61,6 +61,20 @@ pub use serving::EventRelay;
 use router::{Router, SubValue, Target};
 use session::{flag, Delivery, Mailbox, Message, Push};
 
+/// Where a broker sends dynamic-security control requests when its own
+/// State does not hold dynamic security: the local broker of dynsec-sync
+/// hands them to the cluster group (src/modes.rs).
+pub trait ControlApi: Send + Sync + 'static {
+    /// Dynamic security is initialised in the cluster.
+    fn initialised(&self) -> bool;
+    /// Applies a request prepared by `dynsec::prepare_request`; resolves to
+    /// the response document.
+    fn submit(
+        &self,
+        prepared: Vec<u8>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<u8>, String>> + Send>>;
+}
+
 /// The `[mqtt]` section of the configuration (see config/ and the README).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default)]
@@ -159,6 +173,8 @@ pub(crate) struct Inner {
     pub sys_retained: Mutex<Vec<Arc<Message>>>,
     /// Whether CONNECTs are accepted now (serving.rs).
     pub serving: serving::Serving,
+    /// Where control requests go instead of this broker's State (see [`ControlApi`]).
+    pub control: std::sync::OnceLock<Arc<dyn ControlApi>>,
 }
 
 /// The broker (see the module docs). Cheap to clone.
@@ -195,14 +211,37 @@ impl Broker {
         relay: &EventRelay,
         commit_timeout: Duration,
     ) -> Broker {
-        Self::build(config, auth, state, Some((raft, relay, commit_timeout)))
+        let (_, gate) = tokio::sync::watch::channel(true);
+        Self::with_raft_gated(config, auth, state, raft, relay, commit_timeout, gate)
+    }
+
+    /// [`Broker::with_raft`] that also serves only while `gate` is true: the
+    /// node's mode decides which of its brokers takes clients (src/modes.rs).
+    pub fn with_raft_gated(
+        config: BrokerConfig,
+        auth: Arc<dyn Authenticator>,
+        state: Arc<RwLock<State>>,
+        raft: crate::raft::RaftNode,
+        relay: &EventRelay,
+        commit_timeout: Duration,
+        gate: tokio::sync::watch::Receiver<bool>,
+    ) -> Broker {
+        Self::build(config, auth, state, Some((raft, relay, commit_timeout, gate)))
+    }
+
+    /// Sends this broker's dynamic-security control requests to `api`
+    /// instead of its own State (set once, before it serves).
+    pub fn set_control(&self, api: Arc<dyn ControlApi>) {
+        if self.inner.control.set(api).is_err() {
+            tracing::warn!("control API set twice; keeping the first");
+        }
     }
 
     fn build(
         config: BrokerConfig,
         auth: Arc<dyn Authenticator>,
         state: Arc<RwLock<State>>,
-        raft: Option<(crate::raft::RaftNode, &EventRelay, Duration)>,
+        raft: Option<(crate::raft::RaftNode, &EventRelay, Duration, tokio::sync::watch::Receiver<bool>)>,
     ) -> Broker {
         let metrics = Arc::new(Metrics::default());
         let (ack_tx, ack_rx) = mpsc::channel(1024);
@@ -215,7 +254,7 @@ impl Broker {
             });
             let pipeline = match &raft {
                 None => Pipeline::start(state.clone(), sink, metrics.clone()),
-                Some((node, relay, timeout)) => {
+                Some((node, relay, timeout, _)) => {
                     relay.bind(weak.clone());
                     Pipeline::start_raft(node.clone(), metrics.clone(), *timeout)
                 }
@@ -236,11 +275,12 @@ impl Broker {
                 shutting_down: AtomicBool::new(false),
                 sys_retained: Mutex::new(Vec::new()),
                 serving,
+                control: std::sync::OnceLock::new(),
             }
         });
-        if let Some((node, _, _)) = raft {
+        if let Some((node, _, _, gate)) = raft {
             // Sessions are restored when this node starts serving.
-            tokio::spawn(serving::run(Arc::downgrade(&inner), node));
+            tokio::spawn(serving::run(Arc::downgrade(&inner), node, gate));
         } else if inner.restore_sessions() {
             // The State came from a snapshot: connections it marks online are
             // gone; end them as abnormal disconnects before anyone connects

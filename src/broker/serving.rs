@@ -130,7 +130,9 @@ impl EventRelay {
 }
 
 /// Follows the Raft metrics and moves the serving flag (see the module docs).
-pub(crate) async fn run(weak: Weak<Inner>, raft: RaftNode) {
+/// Serves only while `gate` is true as well: the node's mode lets this
+/// broker take clients (src/modes.rs).
+pub(crate) async fn run(weak: Weak<Inner>, raft: RaftNode, mut gate: watch::Receiver<bool>) {
     let mut rx = raft.subscribe();
     let mut transfers = raft.subscribe_transfers();
     loop {
@@ -143,11 +145,12 @@ pub(crate) async fn run(weak: Weak<Inner>, raft: RaftNode) {
                 }
                 m.serving
             };
-            if serving {
+            if serving && *gate.borrow_and_update() {
                 break;
             }
-            if rx.changed().await.is_err() {
-                return;
+            tokio::select! {
+                r = rx.changed() => if r.is_err() { return },
+                r = gate.changed() => if r.is_err() { return },
             }
         }
         let Some(inner) = weak.upgrade() else { return };
@@ -176,6 +179,16 @@ pub(crate) async fn run(weak: Weak<Inner>, raft: RaftNode) {
             };
             tokio::select! {
                 r = rx.changed() => if r.is_err() { return },
+                r = gate.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                    if !*gate.borrow_and_update() {
+                        tracing::info!("stopped serving MQTT here: the cluster mode changed");
+                        break;
+                    }
+                    continue;
+                }
                 r = transfers.changed() => {
                     if r.is_err() {
                         return;

@@ -74,6 +74,11 @@ pub enum CtlCommand {
     /// Leadership: transfer, pin, unpin.
     #[command(subcommand)]
     Leader(LeaderCommand),
+    /// The cluster's mode: full-sync (one leader serves; everything
+    /// replicated) or dynsec-sync (every node serves; only dynamic security
+    /// and settings replicated).
+    #[command(subcommand)]
+    Mode(ModeCommand),
     /// Dynamic security: init (first admin), import/export of Mosquitto's
     /// dynamic-security.json. Day-to-day: `mosquitto_ctrl dynsec ...`.
     #[command(subcommand)]
@@ -81,6 +86,17 @@ pub enum CtlCommand {
     /// Backups: create, list, inspect, download, upload, restore, delete.
     #[command(subcommand)]
     Backup(crate::backup::cli::BackupCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ModeCommand {
+    /// Prints the mode.
+    Get,
+    /// Switches the mode of the running cluster.
+    Set {
+        #[arg(value_parser = ["full-sync", "dynsec-sync"])]
+        mode: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -256,6 +272,24 @@ pub async fn execute(args: &CtlArgs) -> Result<String, CtlError> {
             Ok(if args.json { raw(raw_body) } else { format_leader(cmd, &info) })
         }
         CtlCommand::Dynsec(cmd) => dynsec::execute(&api, cmd, args.json).await,
+        CtlCommand::Mode(cmd) => {
+            use crate::admin::cluster::ModeInfo;
+            let (info, body): (ModeInfo, _) = match cmd {
+                ModeCommand::Get => api.call(Method::GET, "/cluster/mode", None, TIMEOUT).await?,
+                ModeCommand::Set { mode } => {
+                    let mode = if mode == "dynsec-sync" { Mode::DynsecSync } else { Mode::FullSync };
+                    api.call(Method::POST, "/cluster/mode", json_body(&ModeInfo { mode }), TIMEOUT).await?
+                }
+            };
+            Ok(if args.json {
+                raw(body)
+            } else {
+                match cmd {
+                    ModeCommand::Get => format!("{}\n", mode_text(info.mode)),
+                    ModeCommand::Set { .. } => format!("mode set to {}\n", mode_text(info.mode)),
+                }
+            })
+        }
         CtlCommand::Backup(cmd) => crate::backup::cli::execute(args, cmd).await,
     }
 }

@@ -535,6 +535,7 @@ fn listener_config_from_toml() {
         require_client_cert = true
         path = "/mqtt"
         max_connections = 500
+        proxy_protocol = true
         "#,
     )
     .unwrap();
@@ -544,6 +545,7 @@ fn listener_config_from_toml() {
     assert_eq!(wss.bind, SocketAddr::from(([0, 0, 0, 0], 8884)));
     assert_eq!(wss.client_ca_file.as_deref(), Some(std::path::Path::new("ca.pem")));
     assert!(wss.require_client_cert);
+    assert!(wss.proxy_protocol && !file.listeners[0].proxy_protocol);
     assert_eq!(wss.path.as_deref(), Some("/mqtt"));
     assert_eq!(wss.max_connections, Some(500));
 

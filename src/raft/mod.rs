@@ -497,6 +497,11 @@ impl RaftNode {
         }
     }
 
+    /// The cluster settings this node has applied (mode, pinned leader).
+    pub fn cluster_settings(&self) -> state::pb::ClusterSettings {
+        self.state.read().cluster_settings().clone()
+    }
+
     /// The dynamic-security state this node has applied, if initialised.
     pub fn dynsec(&self) -> Option<Arc<crate::dynsec::Dynsec>> {
         self.state.read().dynsec()

@@ -153,7 +153,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
         // The only work under the lock: copying the state into its protobuf form.
-        let state = self.state.read().snapshot();
+        // With a large state that takes a while: on a multi-threaded runtime,
+        // let tokio move other tasks (the Raft core, heartbeats) off this worker
+        // meanwhile, or a 2-core node stalls long enough to lose leadership.
+        let copy = || self.state.read().snapshot();
+        let state = match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(copy),
+            _ => copy(),
+        };
         SnapshotBuilder {
             state,
             meta: SnapshotMeta {

@@ -126,6 +126,10 @@ pub enum StateError {
     InvalidNodeId(u64),
     #[error("invalid dynamic-security state: {0}")]
     InvalidDynsec(String),
+    /// A request handed to another Raft group (a dynamic-security request of
+    /// dynsec-sync mode) did not complete.
+    #[error("not applied: {0}")]
+    Unavailable(String),
     /// The cluster-wide backup/restore lock is held by another job.
     #[error("busy: {0}")]
     Busy(String),
@@ -307,6 +311,8 @@ impl State {
                 }
                 self.cluster.pinned_leader = c.node_id;
             }
+            Cmd::SetMode(c) => self.set_mode(c, &mut out)?,
+            Cmd::MarkImported(c) => self.cluster.imported_epoch = c.epoch,
             Cmd::DynsecControl(c) => self.dynsec_control(c, &mut out),
             Cmd::DynsecSet(c) => self.dynsec_set(c, &mut out)?,
             c @ (Cmd::JobLock(_)
@@ -316,6 +322,32 @@ impl State {
             | Cmd::RestoreEnd(_)) => self.apply_backup_command(c, &mut out)?,
         }
         Ok(out)
+    }
+
+    /// See `SetMode` in proto/state.proto.
+    fn set_mode(&mut self, c: &pb::SetMode, out: &mut Applied) -> Result<(), StateError> {
+        let mode = pb::Mode::try_from(c.mode)
+            .map_err(|_| StateError::InvalidSnapshot(format!("mode {}", c.mode)))?;
+        if self.cluster.mode == mode as i32 {
+            return Ok(());
+        }
+        self.cluster.mode = mode as i32;
+        self.cluster.mode_epoch += 1;
+        if mode == pb::Mode::FullSync {
+            // The copy handed over at the switch to dynsec-sync: stale now
+            // (the nodes merge what they served back in). No wills: these
+            // sessions did not end, they moved.
+            let ids: Vec<String> = self.sessions.keys().cloned().collect();
+            for id in ids {
+                self.drop_session(&id);
+                out.events.push(Event::SessionEnded { client_id: id });
+            }
+            let topics: Vec<String> = self.retained.keys().cloned().collect();
+            for t in topics {
+                self.remove_retained(&t);
+            }
+        }
+        Ok(())
     }
 
     fn session_open(&mut self, c: &pb::SessionOpen, out: &mut Applied) -> Result<(), StateError> {

@@ -9,8 +9,9 @@
 #            of each node during it (VmHWM, reset before).
 #   export   `ctl backup create` on the leader of that state: seconds, file
 #            size, peak RSS of each node during it.
-#   latency  MQTT QoS 1 p2p at a fixed rate (`raftmq bench`, RATE msg/s for
-#            LAT_SECONDS) against the leader: p99 publish-to-delivery and
+#   latency  MQTT QoS 1 p2p with a persistent subscriber (so every message goes
+#            through the Raft log) at a fixed rate (`raftmq bench`, RATE msg/s
+#            for LAT_SECONDS) against the leader: p99 publish-to-delivery and
 #            publish-to-PUBACK latency with no export, then while exports run
 #            back to back on the leader.
 #
@@ -23,6 +24,10 @@
 #   PAYLOAD      retained payload bytes (default 64)
 #   RATE         msg/s of the latency runs (default 2000)
 #   LAT_SECONDS  duration of each latency run (default 15)
+#   SNAPSHOT_EVERY  [cluster] snapshot_every of the nodes (default 1000000, so
+#                the periodic compaction snapshot, which every node takes at
+#                about the same log index, does not fall into the latency runs:
+#                they measure the export's cost, not compaction's)
 #   OUT          directory for logs, files and raw RESULT lines (default: a new temp dir)
 #
 # Raw lines go to $OUT/results.txt as "case=<name> RESULT ...".
@@ -36,6 +41,7 @@ SESSIONS=${SESSIONS:-100000}
 PAYLOAD=${PAYLOAD:-64}
 RATE=${RATE:-2000}
 LAT_SECONDS=${LAT_SECONDS:-15}
+SNAPSHOT_EVERY=${SNAPSHOT_EVERY:-1000000}
 OUT=${OUT:-$(mktemp -d /tmp/raftmq-backup-bench.XXXXXX)}
 mkdir -p "$OUT"
 results=$OUT/results.txt
@@ -106,6 +112,8 @@ peaks() {
   echo "$s"
 }
 now() { date +%s.%N; }
+# Times any node stopped serving (lost leadership or quorum contact) so far.
+stepdowns() { cat "$cluster_dir"/node-*/raftmq.log 2>/dev/null | grep -c "stopped serving MQTT" || true; }
 secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
 
 echo "generating a backup of $RETAINED retained messages and $SESSIONS sessions ..."
@@ -114,7 +122,7 @@ python3 "$here/tests/bench/gen_backup.py" "$OUT/synthetic.tar.gz" "$RETAINED" "$
 echo "generated in $(secs "$t0" "$(now)") s: $(du -h "$OUT/synthetic.tar.gz" | cut -f1)"
 
 base=$(free_base)
-RAFTMQ_MQTT__MAX_QUEUED_MESSAGES=1000000 \
+RAFTMQ_MQTT__MAX_QUEUED_MESSAGES=1000000 RAFTMQ_CLUSTER__SNAPSHOT_EVERY=$SNAPSHOT_EVERY \
   "$RAFTMQ_BIN" local-cluster --nodes 3 --dir "$cluster_dir" --base-port "$base" >"$OUT/local-cluster.out" 2>&1 &
 supervisor_pid=$!
 leader=$(wait_leader)
@@ -124,35 +132,48 @@ echo "leader: node $leader ($url)"
 
 # ---- restore
 reset_peaks
+sd0=$(stepdowns)
 t0=$(now)
 "$RAFTMQ_BIN" ctl --url "$url" backup restore "$OUT/synthetic.tar.gz" --mode replace 2>/dev/null | tee "$OUT/restore.out"
-line="case=restore RESULT retained=$RETAINED sessions=$SESSIONS seconds=$(secs "$t0" "$(now)")$(peaks)"
+line="case=restore RESULT retained=$RETAINED sessions=$SESSIONS seconds=$(secs "$t0" "$(now)")$(peaks) stepdowns=$(($(stepdowns) - sd0))"
 echo "$line" | tee -a "$results"
 curl -s "$url/api/v1/state/digest" >"$OUT/digest-after-restore.json"
 
+# Leadership may have moved (counted in the node logs); follow it.
+leader=$(wait_leader)
+url="http://127.0.0.1:$((base + 100 + leader - 1))"
+mqtt_port=$((base + leader - 1))
+
 # ---- export
 reset_peaks
+sd0=$(stepdowns)
 t0=$(now)
 "$RAFTMQ_BIN" ctl --url "$url" backup create 2>/dev/null | tee "$OUT/export.out"
 bytes=$(grep -o 'bytes=[0-9]*' "$OUT/export.out" | cut -d= -f2)
-line="case=export RESULT retained=$RETAINED sessions=$SESSIONS seconds=$(secs "$t0" "$(now)") file_bytes=${bytes:--}$(peaks)"
+line="case=export RESULT retained=$RETAINED sessions=$SESSIONS seconds=$(secs "$t0" "$(now)") file_bytes=${bytes:--}$(peaks) stepdowns=$(($(stepdowns) - sd0))"
 echo "$line" | tee -a "$results"
 
 # ---- latency with and without an export running
+leader=$(wait_leader)
+url="http://127.0.0.1:$((base + 100 + leader - 1))"
+mqtt_port=$((base + leader - 1))
 bench() {
   "$RAFTMQ_BIN" bench --host 127.0.0.1 --port "$mqtt_port" --scenario p2p --qos 1 --rate "$RATE" \
-    --duration "$LAT_SECONDS" --protocol 5 2>&1 | tail -1
+    --duration "$LAT_SECONDS" --protocol 5 --persistent >"$OUT/$1.out" 2>&1 || echo "bench exited with $? (see $OUT/$1.out)" >&2
+  grep '^RESULT' "$OUT/$1.out" || echo "RESULT none"
 }
-r=$(bench)
-echo "case=latency-idle $r" | tee -a "$results"
+sd0=$(stepdowns)
+r=$(bench latency-idle)
+echo "case=latency-idle $r stepdowns=$(($(stepdowns) - sd0))" | tee -a "$results"
+sd0=$(stepdowns)
 (
   while true; do "$RAFTMQ_BIN" ctl --url "$url" backup create >>"$OUT/exports-under-load.out" 2>&1 || true; done
 ) &
 exporter_pid=$!
-r=$(bench)
+r=$(bench latency-export)
 kill "$exporter_pid" 2>/dev/null || true
 wait "$exporter_pid" 2>/dev/null || true
 exporter_pid=""
 n_exports=$(grep -c "written on node" "$OUT/exports-under-load.out" || true)
-echo "case=latency-export $r exports_during_run=$n_exports" | tee -a "$results"
+echo "case=latency-export $r exports_during_run=$n_exports stepdowns=$(($(stepdowns) - sd0))" | tee -a "$results"
 echo "results: $results"

@@ -1,5 +1,6 @@
 //! HAProxy for the tests: runs Debian's haproxy in the foreground with a
-//! configuration generated from the shipped haproxy/full-sync.cfg, only
+//! configuration generated from the shipped haproxy/full-sync.cfg or
+//! haproxy/dynsec-sync.cfg, only
 //! addresses, ports and the stats socket path substituted (so the shipped
 //! file is what is tested), and the MQTT traffic of clients that connect
 //! through it as users' clients do: knowing only HAProxy's address.
@@ -67,32 +68,64 @@ pub fn full_sync_config(
     server_opts: &str,
     dir: &Path,
 ) -> String {
-    let src = shipped("full-sync.cfg");
-    let (mut binds, mut servers, mut defaults, mut sockets) = (0, 0, 0, 0);
+    let (out, counts) =
+        substitute("full-sync.cfg", &[(":1883", mqtt), (":8883", mqtts)], backends, server_opts, dir);
+    assert_eq!(
+        counts,
+        (2, 6, 2, 1),
+        "full-sync.cfg changed: update tests/lb/mod.rs (binds, servers, default-server, stats socket)"
+    );
+    out
+}
+
+/// haproxy/dynsec-sync.cfg with its frontend on `mqtt`, the three example
+/// servers replaced by `backends` and the stats socket in `dir`; nothing
+/// else changed. Panics when the shipped file no longer has the lines
+/// substituted here.
+pub fn dynsec_sync_config(backends: &[Backend], mqtt: SocketAddr, dir: &Path) -> String {
+    let (out, counts) = substitute("dynsec-sync.cfg", &[(":1883", mqtt)], backends, "", dir);
+    assert_eq!(
+        counts,
+        (1, 3, 1, 1),
+        "dynsec-sync.cfg changed: update tests/lb/mod.rs (binds, servers, default-server, stats socket)"
+    );
+    out
+}
+
+/// The shipped file `name` with each `bind <from>` line bound to its
+/// address, every `server nI 10.0.0.I:PORT check port 8080` line pointed at
+/// `backends[I-1]` (dropped when there is none), `server_opts` appended to
+/// `default-server` lines and the stats socket moved into `dir`. Returns the
+/// text and how many (binds, servers, default-server, stats socket) lines
+/// were substituted.
+fn substitute(
+    name: &str,
+    binds: &[(&str, SocketAddr)],
+    backends: &[Backend],
+    server_opts: &str,
+    dir: &Path,
+) -> (String, (usize, usize, usize, usize)) {
+    let src = shipped(name);
+    let (mut nbinds, mut servers, mut defaults, mut sockets) = (0, 0, 0, 0);
     let mut out = String::new();
     for line in src.lines() {
         let t = line.trim_start();
         let indent = &line[..line.len() - t.len()];
+        let bind = t.strip_prefix("bind ").and_then(|b| binds.iter().find(|(from, _)| *from == b));
         let new = if t.starts_with("stats socket /run/haproxy/admin.sock") {
             sockets += 1;
             Some(t.replace("/run/haproxy/admin.sock", &dir.join("admin.sock").display().to_string()))
-        } else if t == "bind :1883" {
-            binds += 1;
-            Some(format!("bind {mqtt}"))
-        } else if t == "bind :8883" {
-            binds += 1;
-            Some(format!("bind {mqtts}"))
+        } else if let Some((_, to)) = bind {
+            nbinds += 1;
+            Some(format!("bind {to}"))
         } else if t.starts_with("default-server ") {
             defaults += 1;
-            Some(format!("{t} {server_opts}"))
+            Some(format!("{t} {server_opts}").trim_end().to_string())
         } else if let Some(rest) = t.strip_prefix("server n") {
             // "server nI 10.0.0.I:PORT check port 8080"
             servers += 1;
             let i: usize = rest.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or(0);
-            assert!(
-                rest.ends_with("check port 8080") && i >= 1,
-                "full-sync.cfg: unexpected server line {t:?}"
-            );
+            assert!(rest.ends_with("check port 8080") && i >= 1, "{name}: unexpected server line {t:?}");
             match backends.get(i - 1) {
                 // The TLS backend is pointed at the same port: HAProxy passes
                 // bytes through either way.
@@ -111,12 +144,7 @@ pub fn full_sync_config(
         }
         out.push('\n');
     }
-    assert_eq!(
-        (binds, servers, defaults, sockets),
-        (2, 6, 2, 1),
-        "full-sync.cfg changed: update tests/lb/mod.rs (binds, servers, default-server, stats socket)"
-    );
-    out
+    (out, (nbinds, servers, defaults, sockets))
 }
 
 pub struct Haproxy {
@@ -142,6 +170,19 @@ impl Haproxy {
         let mqtts = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let config = full_sync_config(backends, mqtt, mqtts, server_opts, dir.path());
         Haproxy::start(dir, config, mqtt, mqtts).await
+    }
+
+    /// Starts HAProxy with the shipped dynsec-sync configuration (sticky by
+    /// MQTT client id) in front of `backends`; `mqtts` is unused (no TLS
+    /// frontend there) and equals `mqtt`.
+    pub async fn dynsec_sync(backends: &[Backend]) -> Haproxy {
+        let dir = match tempfile::tempdir() {
+            Ok(d) => d,
+            Err(e) => panic!("tempdir: {e}"),
+        };
+        let mqtt = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let config = dynsec_sync_config(backends, mqtt, dir.path());
+        Haproxy::start(dir, config, mqtt, mqtt).await
     }
 
     async fn start(dir: tempfile::TempDir, config: String, mqtt: SocketAddr, mqtts: SocketAddr) -> Haproxy {
