@@ -181,10 +181,27 @@ impl Node {
             .with_acl_substitution(config.dynsec.acl_substitution),
         );
         let relay = EventRelay::new();
+        // Dynamic-security kicks are applied by the cluster group but concern
+        // the clients of both brokers: the local one (dynsec-sync) gets them too.
+        let local_kicks: Arc<std::sync::OnceLock<Broker>> = Arc::new(std::sync::OnceLock::new());
+        let sink: raft::EventSink = {
+            let to_cluster_broker = relay.sink();
+            let local_kicks = local_kicks.clone();
+            Box::new(move |events: Vec<crate::state::Event>| {
+                if let Some(local) = local_kicks.get() {
+                    for e in &events {
+                        if let crate::state::Event::DynsecKick { kicks } = e {
+                            local.kick(kicks);
+                        }
+                    }
+                }
+                to_cluster_broker(events)
+            })
+        };
         let raft = if single {
-            RaftNode::start_single(&cluster, &config.data_dir, state.clone(), relay.sink()).await?
+            RaftNode::start_single(&cluster, &config.data_dir, state.clone(), sink).await?
         } else {
-            RaftNode::start(&cluster, &config.data_dir, state.clone(), relay.sink()).await?
+            RaftNode::start(&cluster, &config.data_dir, state.clone(), sink).await?
         };
         let backup = match crate::backup::BackupService::new(&config, raft.clone(), state.clone()) {
             Ok(b) => b,
@@ -239,6 +256,9 @@ impl Node {
                 commit_timeout(&local_cfg),
                 gates.local(),
             );
+            if local_kicks.set(local_broker.clone()).is_err() {
+                warn!("local broker registered twice for dynamic-security kicks");
+            }
             local_broker.set_control(Arc::new(crate::modes::ClusterControl {
                 raft: raft.clone(),
                 state: state.clone(),

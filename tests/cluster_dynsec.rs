@@ -281,6 +281,16 @@ async fn dynsec_sync_mode_serves_everywhere_and_switches_back() {
         );
     }
 
+    // A change kicks the clients it concerns on every node: adding a role to
+    // the anonymous group disconnects the anonymous client served by `third`.
+    let (mut anon, _) = connect(&c, third, &Conn::v5("kick-me")).await;
+    let (out, err) = ctrl(&c, leader, &["addGroupRole", "anon", "r9"]).await;
+    assert_eq!((out.as_str(), err.as_str()), ("", ""));
+    match anon.recv(STEP).await {
+        Ok(Some(Pkt::Disconnect { code: 0x98, .. })) => {}
+        other => panic!("expected DISCONNECT 0x98 on node {third}, got {other:?}"),
+    }
+
     // Each node keeps its own sessions on its own disk across a restart.
     let (mut p2, _) = connect(&c, follower, &Conn::v5("p2").persistent()).await;
     p2.subscribe(1, "d/#", 1, STEP).await.expect("subscribe d/#");

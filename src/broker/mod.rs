@@ -229,6 +229,13 @@ impl Broker {
         Self::build(config, auth, state, Some((raft, relay, commit_timeout, gate)))
     }
 
+    /// Disconnects the clients a dynamic-security change names (DISCONNECT
+    /// 0x98, no will): for a broker whose own State does not apply dynamic
+    /// security (the local broker of dynsec-sync).
+    pub fn kick(&self, kicks: &crate::dynsec::Kicks) {
+        self.inner.kick(kicks);
+    }
+
     /// Sends this broker's dynamic-security control requests to `api`
     /// instead of its own State (set once, before it serves).
     pub fn set_control(&self, api: Arc<dyn ControlApi>) {
