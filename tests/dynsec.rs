@@ -267,6 +267,69 @@ async fn subscribe_unsubscribe_and_receive_acls() {
     }
 }
 
+/// A change applies to the very next operation of a connection that is not
+/// kicked, even right after the same operation was allowed (raftmq remembers
+/// a connection's last publish / receive answer until the rules change;
+/// Mosquitto asks its plugin every time). `setDefaultACLAccess` kicks no one;
+/// it is sent as JSON with `"allow"` because mosquitto_ctrl 2.0.11 sends a
+/// form that Mosquitto 2.0.11 ignores.
+#[tokio::test]
+async fn a_change_applies_to_the_next_operation_of_an_open_connection() {
+    let b = start_dynsec().await;
+    ok(&b, &["createClient", "dev", "-p", "devpw"]).await;
+    let (mut admin, _) = RawClient::connect_ok(b.addr, &Conn::v5("admin-raw").creds(ADMIN, ADMIN_PW)).await;
+    admin.sub("$CONTROL/dynamic-security/v1/response", 0).await;
+    let mut set_default = async |acltype: &str, allow: bool| {
+        let json = format!(
+            r#"{{"commands":[{{"command":"setDefaultACLAccess","acls":[{{"acltype":"{acltype}","allow":{allow}}}]}}]}}"#
+        );
+        admin.publish_acked(&Pub::new("$CONTROL/dynamic-security/v1", json.as_bytes(), 1)).await;
+        let r = admin.recv_pub_auto().await;
+        assert_eq!(
+            String::from_utf8_lossy(&r.payload),
+            r#"{"responses":[{"command":"setDefaultACLAccess"}]}"#
+        );
+    };
+    set_default("publishClientSend", true).await;
+    set_default("subscribe", true).await;
+    // A clean subscriber gets its messages through its mailbox; a persistent
+    // one through the replicated state: both paths remember answers.
+    for persistent in [false, true] {
+        let watch = Conn::v5(&format!("watch-{persistent}")).creds("dev", "devpw");
+        let watch = if persistent { watch.clean(false).expiry(600) } else { watch };
+        let (mut s, _) = RawClient::connect_ok(b.addr, &watch).await;
+        assert_eq!(s.subscribe(1, &[("t/#", 1)], &[]).await, vec![1]);
+        let (mut p, _) =
+            RawClient::connect_ok(b.addr, &Conn::v5(&format!("dev-{persistent}")).creds("dev", "devpw"))
+                .await;
+        for pid in 1..=2 {
+            p.publish_acked(&Pub::new("t/1", b"a", 1).pid(pid)).await;
+            assert_eq!(s.recv_pub_auto().await.topic, "t/1");
+        }
+        // Receiving denied: accepted from the publisher, not delivered.
+        set_default("publishClientReceive", false).await;
+        p.publish_acked(&Pub::new("t/1", b"hidden", 1).pid(3)).await;
+        // Sending denied: the same connection's next PUBLISH is refused.
+        set_default("publishClientSend", false).await;
+        p.publish(&Pub::new("t/1", b"refused", 1).pid(4)).await;
+        match p.expect(WAIT).await {
+            Pkt::PubAck { pid: 4, code: 0x87, .. } => {}
+            other => panic!("expected PUBACK 0x87, got {other:?}"),
+        }
+        // Both allowed again: the next message arrives, and it is the first one
+        // the subscriber sees since the denial (delivery is in order).
+        set_default("publishClientSend", true).await;
+        set_default("publishClientReceive", true).await;
+        p.publish_acked(&Pub::new("t/1", b"again", 1).pid(5)).await;
+        let m = s.recv_pub_auto().await;
+        assert_eq!(
+            (m.topic.as_str(), m.payload.as_slice()),
+            ("t/1", &b"again"[..]),
+            "persistent={persistent}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_change_kicks_the_clients_it_concerns() {
     let b = start_dynsec().await;

@@ -9,16 +9,18 @@
 //! change applies to the very next operation on every connection. Decisions
 //! go through `Dynsec::allowed_cached` (a per-thread memo keyed by the ACL
 //! version, so the same decisions at a fraction of the cost when a client
-//! repeats a topic).
+//! repeats a topic). Its `decision_epoch` is the process-wide ACL epoch that
+//! every published change bumps (`DynsecView::store`), so connections may
+//! keep their last answer ([`super::LastDecision`]) until the rules change.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use arc_swap::ArcSwapOption;
 use serde::Deserialize;
 
 use super::{AuthDecision, AuthRequest, Authenticator};
 use crate::dynsec::{Access, Dynsec};
+use crate::state::DynsecView;
 
 /// The `[dynsec]` section: bootstrap of dynamic security from the
 /// configuration, the alternative to `raftmq ctl dynsec init`. Used once:
@@ -69,7 +71,7 @@ impl DynsecConfig {
 /// See the module docs.
 pub struct DynsecAuthenticator {
     fallback: Arc<dyn Authenticator>,
-    view: Arc<ArcSwapOption<Dynsec>>,
+    view: DynsecView,
     allow_anonymous: bool,
     acl_substitution: bool,
 }
@@ -81,7 +83,7 @@ impl DynsecAuthenticator {
     /// group and the default access), as Mosquitto's listener option does.
     pub fn new(
         fallback: Arc<dyn Authenticator>,
-        view: Arc<ArcSwapOption<Dynsec>>,
+        view: DynsecView,
         allow_anonymous: bool,
     ) -> DynsecAuthenticator {
         DynsecAuthenticator { fallback, view, allow_anonymous, acl_substitution: false }
@@ -119,6 +121,15 @@ fn broker_denies_publish(topic: &str) -> bool {
 }
 
 impl Authenticator for DynsecAuthenticator {
+    fn decision_epoch(&self) -> Option<u64> {
+        if self.view.load().is_none() {
+            return self.fallback.decision_epoch();
+        }
+        // Every published change bumps it (after the change is visible), so
+        // an answer computed after reading it holds until it moves.
+        Some(crate::dynsec::acl_epoch())
+    }
+
     fn authenticate(&self, req: &AuthRequest<'_>) -> AuthDecision {
         let guard = self.view.load();
         let Some(d) = guard.as_ref() else { return self.fallback.authenticate(req) };

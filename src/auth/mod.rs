@@ -11,6 +11,7 @@
 //! see [`dynsec`]). The broker only ever sees `Arc<dyn Authenticator>`.
 
 pub mod dynsec;
+mod last_decision;
 pub mod passwd;
 
 use std::net::SocketAddr;
@@ -20,6 +21,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 pub use dynsec::{DynsecAuthenticator, DynsecConfig};
+pub use last_decision::LastDecision;
 pub use passwd::{constant_time_eq, hash_password_pbkdf2, PasswordFile, PasswordHash};
 
 /// What the broker knows about a client when it asks [`Authenticator::authenticate`].
@@ -86,6 +88,14 @@ pub trait Authenticator: Send + Sync + 'static {
     /// May a message on `topic` be delivered to this client? Default: yes.
     fn can_receive(&self, _client_id: &str, _username: Option<&str>, _topic: &str) -> bool {
         true
+    }
+
+    /// A counter that only grows and changes whenever any `can_*` answer may
+    /// change. While it returns the same value, a caller may reuse an answer
+    /// for the same inputs ([`LastDecision`]); read it *before* asking.
+    /// `None` (the default): answers may change at any time, never reuse one.
+    fn decision_epoch(&self) -> Option<u64> {
+        None
     }
 }
 

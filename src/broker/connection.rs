@@ -27,7 +27,7 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::auth::{AuthDecision, AuthRequest};
+use crate::auth::{AuthDecision, AuthRequest, LastDecision};
 use crate::dynsec;
 use crate::protocol::{
     self, reason, ConnAck, ConnAckProperties, Connect, Disconnect, LastWill, Packet, ProtocolVersion,
@@ -320,6 +320,10 @@ struct Conn<S> {
     /// State in-flight entries were held back by the client's Receive Maximum.
     state_deferred: bool,
     acks: Vec<pb::AckEntry>,
+    /// The last publishClientSend / publishClientReceive answers (a client
+    /// usually repeats its topics): reused while the rules are unchanged.
+    may_publish: LastDecision,
+    may_receive: LastDecision,
     /// Rarely used state, allocated on first use (idle connections stay small).
     cold: Option<Box<Cold>>,
 }
@@ -565,6 +569,8 @@ where
         resume_dup: session_present,
         state_deferred: false,
         acks: Vec::new(),
+        may_publish: LastDecision::default(),
+        may_receive: LastDecision::default(),
         cold: None,
         io,
         inner,
@@ -887,7 +893,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             return Err(Close::server(reason::RETAIN_NOT_SUPPORTED, "retain is not available"));
         }
         Metrics::inc(&self.inner.metrics.publish_received);
-        if !self.inner.auth.can_publish(&self.client_id, self.username(), &topic) {
+        let epoch = self.inner.auth.decision_epoch();
+        let username = self.cold.as_ref().and_then(|c| c.username.as_deref());
+        let allowed = self
+            .may_publish
+            .check(epoch, &topic, || self.inner.auth.can_publish(&self.client_id, username, &topic));
+        if !allowed {
             let ack = match p.qos {
                 QoS::AtMostOnce => return Ok(()),
                 QoS::AtLeastOnce => Packet::PubAck(PubResp::with_reason(pid, reason::NOT_AUTHORIZED)),
@@ -1614,7 +1625,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             }
             budget -= 1;
             let m = &e.delivery.message;
-            if !inner.auth.can_receive(&self.client_id, self.username(), &m.topic) {
+            let epoch = inner.auth.decision_epoch();
+            let username = self.cold.as_ref().and_then(|c| c.username.as_deref());
+            let allowed = self
+                .may_receive
+                .check(epoch, &m.topic, || inner.auth.can_receive(&self.client_id, username, &m.topic));
+            if !allowed {
                 // publishClientReceive denies it now: dropped as if acknowledged.
                 self.drop_state_delivery(pid, e.delivery.qos, msg_key);
                 continue;

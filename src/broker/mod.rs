@@ -24,9 +24,11 @@
 //! - Retained messages for a persistent session's new subscription are
 //!   delivered through State (`Subscribe.queue_retained`), so its packet ids
 //!   all come from State; `$SYS` values are kept here and sent as retained.
-//! - Authorization: `can_publish`, `can_subscribe` and, for fast-path
-//!   deliveries, `can_receive` are called (State's deliveries to persistent
-//!   sessions are not filtered by `can_receive` yet).
+//! - Authorization: `can_publish`, `can_subscribe`, `can_unsubscribe` and
+//!   `can_receive` (fast-path deliveries in the mailbox, State's deliveries
+//!   when the connection sends them). The publish and receive answers are
+//!   remembered per connection / mailbox for the last topic while the
+//!   authenticator's `decision_epoch` is unchanged (`auth::LastDecision`).
 
 mod connection;
 pub mod metrics;

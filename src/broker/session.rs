@@ -16,7 +16,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
-use crate::auth::Authenticator;
+use crate::auth::{Authenticator, LastDecision};
 use crate::protocol::{PublishProperties, QoS};
 
 /// One application message as routed by the broker: shared by every
@@ -98,11 +98,19 @@ struct Inner {
     waker: Option<Waker>,
     /// Connections waiting for the attached one to finish (session takeover).
     closers: Vec<oneshot::Sender<()>>,
-    /// User name of the attached connection (for the authorization hook).
-    username: Option<Box<str>>,
+    /// What the authorization hook needs about the attached connection;
+    /// boxed because most connections never need it (idle ones stay small).
+    receiver: Option<Box<Receiver>>,
     /// Every filter this session subscribes (as sent, `$share/...` included),
     /// so the router can be cleaned when the session ends.
     filters: Vec<String>,
+}
+
+#[derive(Debug, Default)]
+struct Receiver {
+    username: Option<Box<str>>,
+    /// The last publishClientReceive answer for this client.
+    may_receive: LastDecision,
 }
 
 /// The handle of one session (see the module docs).
@@ -169,7 +177,17 @@ impl Mailbox {
             if g.conn_id == 0 || !self.online.load(Ordering::Relaxed) {
                 return Push::Offline;
             }
-            if !auth.can_receive(&self.client_id, g.username.as_deref(), &d.msg.topic) {
+            let epoch = auth.decision_epoch();
+            let topic = &d.msg.topic;
+            let allowed = match (&mut g.receiver, epoch) {
+                (None, None) => auth.can_receive(&self.client_id, None, topic),
+                (r, _) => {
+                    let r = r.get_or_insert_with(Box::default);
+                    let username = r.username.as_deref();
+                    r.may_receive.check(epoch, topic, || auth.can_receive(&self.client_id, username, topic))
+                }
+            };
+            if !allowed {
                 return Push::Denied;
             }
             let cap = if d.qos == QoS::AtMostOnce { capacity } else { capacity_qos12 };
@@ -275,13 +293,15 @@ impl Mailbox {
     }
 
     pub fn set_username(&self, username: Option<Box<str>>) {
-        self.inner.lock().username = username;
+        let mut g = self.inner.lock();
+        g.receiver =
+            username.map(|username| Box::new(Receiver { username: Some(username), ..Receiver::default() }));
     }
 
     /// Whether the attached connection's user name is `username`
     /// (`None` = a client without a user name).
     pub fn username_is(&self, username: Option<&str>) -> bool {
-        self.inner.lock().username.as_deref() == username
+        self.inner.lock().receiver.as_ref().and_then(|r| r.username.as_deref()) == username
     }
 
     pub fn attached(&self) -> u64 {

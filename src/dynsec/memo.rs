@@ -11,11 +11,34 @@
 //! change applies to the very next check, as Mosquitto's uncached plugin
 //! does. Direct-mapped, fixed size, strings reused: no allocation once warm,
 //! and long inputs bypass it, so its memory stays bounded.
+//!
+//! Also owns the process-wide ACL epoch ([`acl_epoch`]): a counter bumped
+//! after every change of any published dynamic-security state, so callers
+//! that remember their own last decision (a connection publishing to one
+//! topic, `auth::LastDecision`) know when to ask again without loading the
+//! state at all.
 
 use std::cell::RefCell;
 use std::hash::Hasher;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::acl::FxHasher;
+
+static ACL_EPOCH: AtomicU64 = AtomicU64::new(1);
+
+/// The current ACL epoch. A decision computed after reading epoch `e` may be
+/// reused for the same inputs while `acl_epoch()` still returns `e`.
+pub fn acl_epoch() -> u64 {
+    // Acquire pairs with the Release in `acl_changed`: whoever sees the new
+    // epoch then sees the new state.
+    ACL_EPOCH.load(Ordering::Acquire)
+}
+
+/// Called after a new dynamic-security state is published (stored where
+/// readers load it): every remembered decision is stale from now on.
+pub fn acl_changed() {
+    ACL_EPOCH.fetch_add(1, Ordering::Release);
+}
 
 /// Entries per thread (a power of two: the slot is the hash's top bits).
 const SLOTS: usize = 128;

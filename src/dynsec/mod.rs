@@ -51,6 +51,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 pub use hash::{HASH_LEN, ITERATIONS, SALT_LEN};
+pub use memo::{acl_changed, acl_epoch};
 pub use model::{Acl, AclType, Client, DefaultAccess, Group, Role};
 
 /// The request topic of the control API.

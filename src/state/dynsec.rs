@@ -13,8 +13,35 @@ use super::{pb, Applied, Event, State, StateError};
 use crate::dynsec::Dynsec;
 
 /// The dynamic-security state as the authenticator reads it; `None` until
-/// `raftmq ctl dynsec init` (or an import) initialises it.
-pub type DynsecView = Arc<ArcSwapOption<Dynsec>>;
+/// `raftmq ctl dynsec init` (or an import) initialises it. Clones share one
+/// slot. Every store bumps the process-wide ACL epoch
+/// ([`crate::dynsec::acl_epoch`]) after the new value is visible, so
+/// decisions remembered by connections are asked again.
+#[derive(Clone, Default)]
+pub struct DynsecView(Arc<ArcSwapOption<Dynsec>>);
+
+impl DynsecView {
+    /// The current state (cheap: no reference count change).
+    pub fn load(&self) -> arc_swap::Guard<Option<Arc<Dynsec>>> {
+        self.0.load()
+    }
+
+    pub fn load_full(&self) -> Option<Arc<Dynsec>> {
+        self.0.load_full()
+    }
+
+    /// Publishes `value` to every reader, then bumps the ACL epoch.
+    pub fn store(&self, value: Option<Arc<Dynsec>>) {
+        self.0.store(value);
+        crate::dynsec::acl_changed();
+    }
+}
+
+impl std::fmt::Debug for DynsecView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("DynsecView").field(&self.0.load().is_some()).finish()
+    }
+}
 
 /// The error text answered for every command while dynamic security is not
 /// initialised.
