@@ -158,6 +158,21 @@ async fn wait_ready(c: &Cluster, id: u64, code: u16) {
     .await;
 }
 
+/// The cluster group's entries committed on `leader` so far are applied on
+/// every node of `ids`.
+async fn wait_applied(c: &Cluster, leader: u64, ids: &[u64]) {
+    let committed = match c.health(leader).await {
+        Some((_, Some(s))) => s.commit_index,
+        other => panic!("node {leader} status: {other:?}"),
+    };
+    for &id in ids {
+        wait_for(&format!("node {id} applied index {committed}"), STEP, || async move {
+            matches!(c.health(id).await, Some((_, Some(s))) if s.applied_index >= committed).then_some(())
+        })
+        .await;
+    }
+}
+
 async fn connect(c: &Cluster, id: u64, conn: &Conn) -> (Client, bool) {
     match Client::connect(c.node(id).mqtt, conn, STEP).await {
         Ok((cl, Pkt::ConnAck { code: 0, session_present, .. })) => (cl, session_present),
@@ -290,6 +305,11 @@ async fn dynsec_sync_mode_serves_everywhere_and_switches_back() {
         Ok(Some(Pkt::Disconnect { code: 0x98, .. })) => {}
         other => panic!("expected DISCONNECT 0x98 on node {third}, got {other:?}"),
     }
+
+    // p2 is anonymous too: before it connects, `follower` must have applied
+    // the change (and kicked its own anonymous clients), or the kick may reach
+    // p2 instead.
+    wait_applied(&c, leader, &[follower]).await;
 
     // Each node keeps its own sessions on its own disk across a restart.
     let (mut p2, _) = connect(&c, follower, &Conn::v5("p2").persistent()).await;
