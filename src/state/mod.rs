@@ -678,29 +678,31 @@ impl State {
 
     fn tick(&mut self, out: &mut Applied) {
         let now = self.now_ms;
-        let due: Vec<String> = self
-            .sessions
-            .values()
-            .filter(|s| s.will_due_at_ms != 0 && s.will_due_at_ms <= now)
-            .map(|s| s.client_id.clone())
-            .collect();
-        for c in due {
+        // One pass over the sessions (a tick visits every one of them), then
+        // the changes. Firing wills neither ends sessions nor makes a queued
+        // message due (a will's copy expires after now, or is not routed), so
+        // the three lists are what separate passes after each step would give.
+        let (mut wills, mut ended, mut queues) = (Vec::new(), Vec::new(), Vec::new());
+        for s in self.sessions.values() {
+            if s.will_due_at_ms != 0 && s.will_due_at_ms <= now {
+                wills.push(s.client_id.clone());
+            }
+            if s.expires_at_ms().is_some_and(|t| t <= now) {
+                ended.push(s.client_id.clone());
+            }
+            if s.queue_expiry_due(now) {
+                queues.push(s.client_id.clone());
+            }
+        }
+        for c in wills {
             self.fire_will(&c, out);
         }
-        let ended: Vec<String> = self
-            .sessions
-            .values()
-            .filter(|s| s.expires_at_ms().is_some_and(|t| t <= now))
-            .map(|s| s.client_id.clone())
-            .collect();
         for c in ended {
             self.end_session(&c, out);
         }
         // Only sessions with something due are changed: a session changed
         // while a view holds it is copied.
-        let due: Vec<String> =
-            self.sessions.values().filter(|s| s.queue_expiry_due(now)).map(|s| s.client_id.clone()).collect();
-        for c in due {
+        for c in queues {
             if let Some(s) = self.sessions.get_mut(&c) {
                 s.expire_queue(now);
             }
