@@ -228,7 +228,9 @@ impl Switch {
     /// Dynsec-sync: the cluster state (as this replica holds it after the
     /// switch) merged into the local state, once per switch.
     async fn import(&self, epoch: u64) -> Result<(), String> {
-        let snap = self.cluster_state.read().snapshot();
+        // Capture under the lock (O(1)), convert after it.
+        let view = self.cluster_state.read().capture();
+        let snap = view.to_pb();
         let (sessions, retained) = (snap.sessions.len(), snap.retained.len());
         let id = format!("mode-import-{epoch}");
         let merge = pb::RestoreMode::Merge as i32;
@@ -261,7 +263,8 @@ impl Switch {
         }
         // Its clients are gone: they moved to the leader, they did not die.
         self.local(pb::command::Cmd::ResetConnections(pb::ResetConnections { publish_wills: false })).await?;
-        let snap = self.local_state.read().snapshot();
+        let view = self.local_state.read().capture();
+        let snap = view.to_pb();
         let (sessions, retained) = (snap.sessions.len(), snap.retained.len());
         let id = format!("mode-merge-{}-{}", self.local_raft.id(), crate::backup::now_ms());
         let merge = pb::RestoreMode::Merge as i32;

@@ -427,13 +427,11 @@ impl BackupService {
 
     /// Blocking (it encodes the whole state): call from a blocking thread.
     pub fn digest(&self) -> DigestInfo {
-        // Copy under the lock, encode after it (apply waits only for the copy).
-        let (snap, sessions, retained) = {
-            let st = self.inner.state.read();
-            (st.snapshot(), st.session_count() as u64, st.retained_count() as u64)
-        };
-        let bytes = snap.encode_to_vec();
-        drop(snap);
+        // An O(1) capture under the lock, the encoding after it: apply does not wait.
+        let view = self.inner.state.read().capture();
+        let (sessions, retained) = (view.session_count() as u64, view.retained_count() as u64);
+        let bytes = view.encode_to_vec();
+        drop(view);
         let digest =
             format::hex(&sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(&bytes)));
         let content = state::content_digest_of_snapshot(&bytes).map(|d| format::hex(&d)).unwrap_or_default();

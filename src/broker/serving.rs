@@ -283,7 +283,13 @@ async fn become_serving(inner: &Arc<Inner>) -> bool {
         tracing::warn!(error = %e, "could not take over the sessions (ResetConnections)");
         return false;
     }
-    rebuild(inner);
+    // 100k sessions take a while to register: on a blocking thread, so the
+    // async workers keep running the Raft core (heartbeats) meanwhile.
+    let i = inner.clone();
+    if let Err(e) = tokio::task::spawn_blocking(move || rebuild(&i)).await {
+        tracing::warn!(error = %e, "could not rebuild the sessions");
+        return false;
+    }
     inner.serving.handover.store(false, Ordering::SeqCst);
     inner.serving.set(true);
     tracing::info!(

@@ -2,7 +2,9 @@
 //! broker's `Arc<RwLock<State>>`. Applies each committed entry's Batch with
 //! `State::apply_batch`, hands the events to the event sink and the
 //! per-command results to the proposer; builds, stores and installs
-//! snapshots (`State::snapshot` + last applied log id + membership).
+//! snapshots (`State::capture` + last applied log id + membership: the
+//! capture is O(1) under the State's lock, the encoding happens on a blocking
+//! thread while apply goes on).
 //!
 //! The State itself lives in memory only: on restart openraft installs the
 //! newest snapshot file and re-applies the log up to the saved committed id.
@@ -96,7 +98,7 @@ impl StateMachine {
 /// Captures the state at one applied log id; encodes and writes it later,
 /// off the state lock and off the apply path.
 pub struct SnapshotBuilder {
-    state: state::pb::Snapshot,
+    state: state::StateView,
     meta: SnapshotMeta,
     snaps: Arc<Snapshots>,
 }
@@ -105,7 +107,13 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     type SnapshotData = Bytes;
 
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
-        let data = Bytes::from(self.state.encode_to_vec());
+        // Encoding a large state takes a while (about a second for a million
+        // retained messages): not on an async worker, where it would delay
+        // the tasks queued behind it (the Raft core, heartbeats).
+        let view = self.state.clone();
+        let data = tokio::task::spawn_blocking(move || Bytes::from(view.encode_to_vec()))
+            .await
+            .map_err(|e| io::Error::other(format!("snapshot encoder: {e}")))?;
         save_in_background(self.snaps.clone(), self.meta.clone(), data.clone()).await?;
         Ok(Snapshot { meta: self.meta.clone(), snapshot: data })
     }
@@ -152,15 +160,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
-        // The only work under the lock: copying the state into its protobuf form.
-        // With a large state that takes a while: on a multi-threaded runtime,
-        // let tokio move other tasks (the Raft core, heartbeats) off this worker
-        // meanwhile, or a 2-core node stalls long enough to lose leadership.
-        let copy = || self.state.read().snapshot();
-        let state = match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(copy),
-            _ => copy(),
-        };
+        // The only work under the lock: an O(1) capture (structural sharing),
+        // so apply does not wait for a snapshot of a large state.
+        let state = self.state.read().capture();
         SnapshotBuilder {
             state,
             meta: SnapshotMeta {

@@ -52,8 +52,9 @@ mod session;
 mod snapshot;
 #[cfg(test)]
 mod tests;
+mod view;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use prost::Message as _;
@@ -67,6 +68,8 @@ pub use restore::{
 };
 use session::message_expired;
 pub use session::{Delivery, InflightEntry, Session, SubOptions};
+pub use view::StateView;
+use view::{RetainedMap, Sessions};
 
 /// Version written in `Snapshot.format_version`.
 pub const SNAPSHOT_FORMAT_VERSION: u32 = 1;
@@ -187,8 +190,10 @@ pub struct State {
     limits: Limits,
     /// Largest `now_ms` applied.
     now_ms: u64,
-    sessions: BTreeMap<String, Session>,
-    retained: BTreeMap<String, Retained>,
+    /// Sessions and retained messages are structurally shared (view.rs), so
+    /// [`State::capture`] is O(1).
+    sessions: Sessions,
+    retained: RetainedMap,
     /// (expires_at_ms, topic) of retained messages that expire, so a Tick
     /// only looks at what is due. Derived; rebuilt on restore.
     retained_expiry: BTreeSet<(u64, String)>,
@@ -243,8 +248,8 @@ impl State {
         State {
             limits,
             now_ms: 0,
-            sessions: BTreeMap::new(),
-            retained: BTreeMap::new(),
+            sessions: Sessions::default(),
+            retained: RetainedMap::new(),
             retained_expiry: BTreeSet::new(),
             tree: SubscriptionTree::new(),
             cluster: pb::ClusterSettings::default(),
@@ -362,7 +367,7 @@ impl State {
             // cancelled by the new connection (see the module docs).
             self.drop_session(&c.client_id);
         }
-        let s = self.sessions.entry(c.client_id.clone()).or_insert_with(|| Session::new(&c.client_id, now));
+        let s = self.sessions.get_or_insert_with(&c.client_id, || Session::new(&c.client_id, now));
         out.session_present = existed && !c.clean_start;
         s.protocol_version = c.protocol_version;
         s.session_expiry_s = c.session_expiry_s;
@@ -434,7 +439,7 @@ impl State {
     }
 
     /// Removes a session and its tree entries; returns it.
-    fn drop_session(&mut self, client_id: &str) -> Option<Session> {
+    fn drop_session(&mut self, client_id: &str) -> Option<Arc<Session>> {
         let s = self.sessions.remove(client_id)?;
         let key = s.client_id.clone();
         for f in s.subscriptions.keys() {
@@ -449,7 +454,7 @@ impl State {
     fn end_session(&mut self, client_id: &str, out: &mut Applied) {
         let Some(s) = self.drop_session(client_id) else { return };
         if s.will_due_at_ms != 0 {
-            if let Some(w) = s.will {
+            if let Some(w) = s.will.clone() {
                 self.publish_will(client_id, w, out);
             }
         }
@@ -673,26 +678,34 @@ impl State {
 
     fn tick(&mut self, out: &mut Applied) {
         let now = self.now_ms;
-        let due: Vec<String> = self
-            .sessions
-            .values()
-            .filter(|s| s.will_due_at_ms != 0 && s.will_due_at_ms <= now)
-            .map(|s| s.client_id.clone())
-            .collect();
-        for c in due {
+        // One pass over the sessions (a tick visits every one of them), then
+        // the changes. Firing wills neither ends sessions nor makes a queued
+        // message due (a will's copy expires after now, or is not routed), so
+        // the three lists are what separate passes after each step would give.
+        let (mut wills, mut ended, mut queues) = (Vec::new(), Vec::new(), Vec::new());
+        for s in self.sessions.values() {
+            if s.will_due_at_ms != 0 && s.will_due_at_ms <= now {
+                wills.push(s.client_id.clone());
+            }
+            if s.expires_at_ms().is_some_and(|t| t <= now) {
+                ended.push(s.client_id.clone());
+            }
+            if s.queue_expiry_due(now) {
+                queues.push(s.client_id.clone());
+            }
+        }
+        for c in wills {
             self.fire_will(&c, out);
         }
-        let ended: Vec<String> = self
-            .sessions
-            .values()
-            .filter(|s| s.expires_at_ms().is_some_and(|t| t <= now))
-            .map(|s| s.client_id.clone())
-            .collect();
         for c in ended {
             self.end_session(&c, out);
         }
-        for s in self.sessions.values_mut() {
-            s.expire_queue(now);
+        // Only sessions with something due are changed: a session changed
+        // while a view holds it is copied.
+        for c in queues {
+            if let Some(s) = self.sessions.get_mut(&c) {
+                s.expire_queue(now);
+            }
         }
         while let Some((at, _)) = self.retained_expiry.first() {
             if *at > now {
@@ -726,7 +739,7 @@ impl State {
 
     /// Sessions in client id order.
     pub fn sessions(&self) -> impl Iterator<Item = (&str, &Session)> {
-        self.sessions.iter().map(|(k, v)| (k.as_str(), v))
+        self.sessions.iter()
     }
 
     pub fn session_count(&self) -> usize {
@@ -754,24 +767,14 @@ impl State {
     }
 
     /// The canonical snapshot: sessions by client id, retained by topic.
+    /// O(state): under a lock, take [`State::capture`] and convert after.
     pub fn snapshot(&self) -> pb::Snapshot {
-        pb::Snapshot {
-            format_version: SNAPSHOT_FORMAT_VERSION,
-            now_ms: self.now_ms,
-            sessions: self.sessions.values().map(Session::to_pb).collect(),
-            retained: self
-                .retained
-                .values()
-                .map(|r| pb::RetainedMessage { message: Some((*r.message).clone()), set_at_ms: r.set_at_ms })
-                .collect(),
-            cluster: Some(self.cluster.clone()),
-            dynsec: self.dynsec.load().as_ref().map(|d| d.to_proto()),
-        }
+        self.capture().to_pb()
     }
 
-    /// Protobuf encoding of [`State::snapshot`].
+    /// Protobuf encoding of [`State::snapshot`]. O(state), like it.
     pub fn snapshot_bytes(&self) -> Vec<u8> {
-        self.snapshot().encode_to_vec()
+        self.capture().encode_to_vec()
     }
 
     /// Restores a State; the snapshot is validated, not trusted.
@@ -791,11 +794,7 @@ impl State {
 }
 
 /// Retained entries matching `filter`, live at `now_ms`, in topic order.
-fn retained_matching<'a>(
-    retained: &'a BTreeMap<String, Retained>,
-    filter: &str,
-    now_ms: u64,
-) -> Vec<&'a Retained> {
+fn retained_matching<'a>(retained: &'a RetainedMap, filter: &str, now_ms: u64) -> Vec<&'a Retained> {
     if filter.starts_with(topic::SHARED_PREFIX) {
         return Vec::new();
     }
@@ -808,8 +807,10 @@ fn retained_matching<'a>(
     let prefix_len: usize = filter.split('/').take(wild).map(|l| l.len() + 1).sum();
     // "a/#" also matches "a": compare without the trailing '/'.
     let prefix = &filter[..prefix_len.saturating_sub(1)];
+    let from: (std::ops::Bound<&str>, std::ops::Bound<&str>) =
+        (std::ops::Bound::Included(prefix), std::ops::Bound::Unbounded);
     retained
-        .range::<str, _>((std::ops::Bound::Included(prefix), std::ops::Bound::Unbounded))
+        .range::<_, str>(from)
         .take_while(|(t, _)| t.starts_with(prefix))
         .filter(|(t, r)| live(r) && topic::matches(filter, t))
         .map(|(_, r)| r)

@@ -257,7 +257,7 @@ impl State {
                     self.tree.insert(filter, id.clone(), super::SubOptions::from_pb(sub));
                 }
             }
-            self.sessions.insert(id.clone(), s);
+            self.sessions.insert(s);
             restored.push(id);
         }
         for r in &c.retained {

@@ -389,9 +389,14 @@ impl Session {
         out
     }
 
+    /// Whether [`Session::expire_queue`] has something to drop at `now_ms`.
+    pub(crate) fn queue_expiry_due(&self, now_ms: u64) -> bool {
+        self.queue_min_expiry != 0 && self.queue_min_expiry <= now_ms
+    }
+
     /// Drops expired messages from the queue.
     pub(crate) fn expire_queue(&mut self, now_ms: u64) {
-        if self.queue_min_expiry == 0 || self.queue_min_expiry > now_ms {
+        if !self.queue_expiry_due(now_ms) {
             return;
         }
         let mut kept = VecDeque::with_capacity(self.queue.len());

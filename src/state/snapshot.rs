@@ -2,7 +2,7 @@
 //! a peer, so it is validated: anything a State could not have produced is an
 //! `InvalidSnapshot` error, never a panic.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use super::session::{Delivery, InflightEntry, Session, SubOptions};
@@ -82,7 +82,7 @@ pub(super) fn restore(snap: pb::Snapshot, limits: Limits) -> Result<State, State
     if snap.format_version != SNAPSHOT_FORMAT_VERSION {
         return Err(invalid(format!("format version {}", snap.format_version)));
     }
-    let mut sessions = BTreeMap::new();
+    let mut sessions = super::Sessions::default();
     let mut tree = SubscriptionTree::new();
     for p in snap.sessions {
         let s = session(p)?;
@@ -92,7 +92,7 @@ pub(super) fn restore(snap: pb::Snapshot, limits: Limits) -> Result<State, State
             }
         }
         let id = s.client_id.clone();
-        if sessions.insert(id.clone(), s).is_some() {
+        if sessions.insert(s).is_some() {
             return Err(invalid(format!("duplicate session {id:?}")));
         }
     }

@@ -772,6 +772,78 @@ fn pin_leader_is_recorded_kept_by_snapshots_and_cleared() {
 
 // ------------------------------------------------------------ properties
 
+/// The snapshot as `State::snapshot` built it before the collections were
+/// shared: the reference a view's encoding must equal byte for byte.
+fn reference_snapshot(st: &State) -> pb::Snapshot {
+    pb::Snapshot {
+        format_version: SNAPSHOT_FORMAT_VERSION,
+        now_ms: st.now_ms,
+        sessions: st.sessions().map(|(_, s)| s.to_pb()).collect(),
+        retained: st
+            .retained
+            .values()
+            .map(|r| pb::RetainedMessage { message: Some((*r.message).clone()), set_at_ms: r.set_at_ms })
+            .collect(),
+        cluster: Some(st.cluster.clone()),
+        dynsec: st.dynsec().map(|d| d.to_proto()),
+    }
+}
+
+#[test]
+fn a_captured_view_does_not_change_when_the_state_does() {
+    use crate::dynsec::{Dynsec, PasswordHash};
+    let mut st = State::new(limits());
+    st.dynsec.store(Some(Arc::new(Dynsec::initial("admin", PasswordHash::with_salt(b"pw", b"salt", 2)))));
+    let mut cmds = Vec::new();
+    for i in 0..300 {
+        let c = format!("c{i:03}");
+        cmds.push(open(&c, false, 100));
+        cmds.push(sub(&c, "t/#", 1));
+    }
+    for i in 0..200 {
+        cmds.push(publish_msg(pb::Message { retain: true, ..msg(&format!("r/{i:03}"), "kept", 0) }));
+    }
+    cmds.push(publish("t/x", "one", 1));
+    run(&mut st, 10, cmds);
+    let view = st.capture();
+    let before = st.snapshot_bytes();
+    assert_eq!(view.encode_to_vec(), reference_snapshot(&st).encode_to_vec(), "same bytes as before sharing");
+    assert_eq!(view.to_pb().encode_to_vec(), view.encode_to_vec());
+    assert_eq!(before, view.encode_to_vec());
+    assert_eq!((view.session_count(), view.retained_count(), view.subscription_count()), (300, 200, 300));
+
+    // Change every kind of thing the view holds: sessions (new, changed,
+    // removed), their queues and windows, retained messages, the clock, the
+    // cluster settings and dynamic security.
+    let mut later =
+        vec![open("new", false, 100), publish("t/x", "two", 1), ack("c000", 1, pb::AckKind::Puback)];
+    later.push(cmd(Cmd::SessionRemove(pb::SessionRemove { client_id: "c001".into() })));
+    later.push(publish_msg(pb::Message { retain: true, ..msg("r/000", "", 0) }));
+    later.push(publish_msg(pb::Message { retain: true, ..msg("r/001", "replaced", 0) }));
+    later.push(cmd(Cmd::PinLeader(pb::PinLeader { node_id: Some(2) })));
+    run(&mut st, 20, later);
+    st.dynsec.store(None);
+    assert_ne!(st.snapshot_bytes(), before);
+    assert_eq!(view.encode_to_vec(), before, "the view is frozen");
+    assert_eq!(view.now_ms(), 10);
+    assert_eq!(view.sessions().find(|s| s.client_id() == "c000").map(|s| s.inflight_len()), Some(1));
+    assert!(view.sessions().any(|s| s.client_id() == "c001"));
+
+    // The State itself is what it would be had no view ever been taken.
+    let restored = State::from_snapshot_bytes(&st.snapshot_bytes(), limits()).expect("restore");
+    assert_eq!(restored.snapshot_bytes(), st.snapshot_bytes());
+    assert_eq!(st.session("c000").map(|s| s.inflight_len()), Some(1));
+    assert!(st.session("c001").is_none());
+    assert_eq!(st.retained("r/001").map(|m| m.payload.clone()), Some(Bytes::from("replaced")));
+    assert!(st.retained("r/000").is_none());
+}
+
+#[test]
+fn an_empty_state_encodes_like_the_protobuf() {
+    let st = State::new(limits());
+    assert_eq!(st.capture().encode_to_vec(), reference_snapshot(&st).encode_to_vec());
+}
+
 fn arb_command() -> impl Strategy<Value = pb::Command> {
     let client = prop::sample::select(vec!["c1", "c2", "c3"]);
     let topic = prop::sample::select(vec!["a", "a/b", "b", "w"]);
@@ -886,6 +958,29 @@ proptest! {
         }
         prop_assert_eq!(a.snapshot_bytes(), b.snapshot_bytes());
         prop_assert_eq!(a.digest(), b.digest());
+    }
+
+    #[test]
+    fn views_are_frozen_and_encode_like_the_protobuf(
+        batches in arb_batches(),
+        split in any::<prop::sample::Index>(),
+    ) {
+        let cut = split.index(batches.len() + 1);
+        let mut with_view = State::new(small_limits());
+        let mut without = State::new(small_limits());
+        for batch in &batches[..cut] {
+            with_view.apply_batch(batch);
+            without.apply_batch(batch);
+        }
+        let view = with_view.capture();
+        let at_capture = reference_snapshot(&with_view).encode_to_vec();
+        prop_assert_eq!(&view.encode_to_vec(), &at_capture);
+        prop_assert_eq!(&view.to_pb().encode_to_vec(), &at_capture);
+        for batch in &batches[cut..] {
+            prop_assert_eq!(with_view.apply_batch(batch), without.apply_batch(batch));
+        }
+        prop_assert_eq!(&view.encode_to_vec(), &at_capture);
+        prop_assert_eq!(with_view.snapshot_bytes(), reference_snapshot(&without).encode_to_vec());
     }
 
     #[test]
