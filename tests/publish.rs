@@ -206,6 +206,44 @@ async fn receive_maximum_inbound_exceeded_v5() {
     );
 }
 
+/// The broker's `raftmq_connections_open` gauge.
+async fn connections_open(b: &Broker) -> Option<u64> {
+    let (_, body) = common::http_get(b.admin, "/metrics").await?;
+    body.lines().find_map(|l| l.strip_prefix("raftmq_connections_open ")?.trim().parse().ok())
+}
+
+/// After its DISCONNECT 0x93 the broker still reads what the client sends: a
+/// client acknowledging the PUBRECs it read before the DISCONNECT (as the Paho
+/// interoperability client does) must not get its connection reset. Once the
+/// broker has let go of the socket, a reset would already be back: the
+/// client's next write would fail (EPIPE/ECONNRESET).
+#[tokio::test]
+async fn receive_maximum_exceeded_late_acks_no_reset_v5() {
+    if common::against_mosquitto() {
+        return; // Mosquitto 2.0.11 sends no DISCONNECT 0x93; no admin metrics either.
+    }
+    let b = Broker::start_with(BrokerCfg::new().mqtt("receive_maximum = 2")).await;
+    let (mut c, _) = RawClient::connect_ok(b.addr, &Conn::v5("rmlate")).await;
+    for pid in 1..=3u16 {
+        c.publish(&Pub::new("rmlate/t", b"x", 2).pid(pid)).await;
+    }
+    let got = c.expect_closed(common::DEADLINE).await;
+    assert!(
+        got.iter().any(|p| matches!(p, Pkt::Disconnect { code: 0x93, .. })),
+        "expected DISCONNECT 0x93 (Receive Maximum exceeded), got {got:?}"
+    );
+    // The late acknowledgements of the two PUBRECs.
+    for pid in 1..=2u16 {
+        assert!(c.try_send(&pubrel(pid)).await, "late PUBREL {pid} failed");
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while connections_open(&b).await != Some(0) {
+        assert!(tokio::time::Instant::now() < deadline, "the broker kept the connection open");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(c.try_send(&pingreq()).await, "the broker reset the connection after its DISCONNECT");
+}
+
 #[tokio::test]
 async fn receive_maximum_outbound_respected_v5() {
     let b = Broker::start().await;

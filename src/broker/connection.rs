@@ -50,6 +50,9 @@ const READ_CHUNK: usize = 16 * 1024;
 const WRITE_HIGH: usize = 256 * 1024;
 /// Deliveries taken from the mailbox per wake-up.
 const DRAIN: usize = 256;
+/// How long a connection the server closed keeps reading (and discarding)
+/// what the client still sends, at most (see `Conn::linger`).
+const LINGER: Duration = Duration::from_secs(2);
 
 thread_local! {
     static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0u8; READ_CHUNK]);
@@ -1719,6 +1722,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             None
         };
 
+        // Not on shutdown: Broker::shutdown waits for every connection to end.
+        let linger = matches!(close, Close::Server { reason, .. } if reason != reason::SERVER_SHUTTING_DOWN);
         if let Close::Server { reason, text } = close {
             tracing::debug!(client_id = %self.client_id, reason, text, "server closes connection");
             if self.version.is_v5() && reason >= 0x80 {
@@ -1800,6 +1805,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             }
         }
         Metrics::dec(&metrics.clients_connected);
+        if linger {
+            self.linger().await;
+        }
+    }
+
+    /// Lingering close, after the server closed the connection (and sent its
+    /// DISCONNECT, MQTT 5): reads and drops what the client still sends until
+    /// it closes too, for `LINGER` at most. A client often keeps writing for a
+    /// moment (acknowledging what it read before the DISCONNECT); a socket
+    /// closed with such bytes unread, or receiving them afterwards, is reset by
+    /// the kernel, and the reset fails the client's writes and can discard the
+    /// DISCONNECT still in its receive buffer (as in RFC 9112 9.6). The session
+    /// is already closed here; only the socket waits.
+    async fn linger(&mut self) {
+        let io = &mut self.io;
+        let drain = async {
+            loop {
+                match poll_fn(|cx| io.poll_fill(cx)).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => io.rbuf.clear(),
+                }
+            }
+        };
+        let _ = tokio::time::timeout(LINGER, drain).await;
     }
 }
 
