@@ -799,7 +799,7 @@ fn per_connection_state_stays_small() {
         let (_a, srv) = tokio::io::duplex(64);
         let fut = br.serve_connection(srv, "127.0.0.1:1".parse().expect("addr"));
         assert!(std::mem::size_of_val(&fut) <= 352, "serve future: {}", std::mem::size_of_val(&fut));
-        assert!(std::mem::size_of::<super::session::Mailbox>() <= 176);
+        assert!(std::mem::size_of::<super::session::Mailbox>() <= 136);
         let conn = super::connection::conn_size::<tokio::net::TcpStream>();
         assert!(conn <= 296, "connection state: {conn}");
     });
