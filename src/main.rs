@@ -8,6 +8,11 @@ use clap::{Parser, Subcommand};
 
 use raftmq::config::{Config, Overrides};
 
+/// Small cache-line-aligned blocks (tokio's tasks and socket registrations)
+/// from slabs, the rest from the system allocator (see src/alloc.rs).
+#[global_allocator]
+static ALLOCATOR: raftmq::alloc::Allocator = raftmq::alloc::Allocator;
+
 #[derive(Parser, Debug)]
 #[command(name = "raftmq", version, about = "A highly available MQTT 3.1.1 / 5.0 broker")]
 struct Cli {
