@@ -3,7 +3,6 @@
 //! See docs/ARCHITECTURE.md for the layout and the path of a message.
 
 pub mod admin;
-pub mod alloc;
 pub mod auth;
 pub mod backup;
 pub mod bench;

@@ -8,10 +8,11 @@ use clap::{Parser, Subcommand};
 
 use raftmq::config::{Config, Overrides};
 
-/// Small cache-line-aligned blocks (tokio's tasks and socket registrations)
-/// from slabs, the rest from the system allocator (see src/alloc.rs).
+/// jemalloc: its size classes are naturally aligned, so tokio's 128-byte-aligned
+/// tasks and socket registrations waste nothing; glibc's `memalign` left ~250 B
+/// of free fragments per idle connection (docs/ARCHITECTURE.md, memory).
 #[global_allocator]
-static ALLOCATOR: raftmq::alloc::Allocator = raftmq::alloc::Allocator;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[derive(Parser, Debug)]
 #[command(name = "raftmq", version, about = "A highly available MQTT 3.1.1 / 5.0 broker")]
