@@ -8,6 +8,12 @@ use clap::{Parser, Subcommand};
 
 use raftmq::config::{Config, Overrides};
 
+/// jemalloc: its size classes are naturally aligned, so tokio's 128-byte-aligned
+/// tasks and socket registrations waste nothing; glibc's `memalign` left ~250 B
+/// of free fragments per idle connection (docs/ARCHITECTURE.md, memory).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser, Debug)]
 #[command(name = "raftmq", version, about = "A highly available MQTT 3.1.1 / 5.0 broker")]
 struct Cli {

@@ -328,10 +328,12 @@ impl Node {
                 // The mode picks the broker: the cluster's (full-sync) or this
                 // node's own (dynsec-sync).
                 let broker = match &local_broker {
-                    Some(local) if gates.dynsec() => local.clone(),
-                    _ => broker.clone(),
+                    Some(local) if gates.dynsec() => local,
+                    _ => &broker,
                 };
-                async move { broker.serve_connection(stream, peer).await }
+                // The future itself, not wrapped in an async block that would keep
+                // the stream's and peer's slots for the connection's lifetime.
+                broker.serve_connection(stream, peer)
             };
             tasks.push(tokio::spawn(listener.run(handler, shutdown.clone())));
         }

@@ -125,6 +125,30 @@ fn sample(pid: Option<u32>) -> Result<Option<ProcSample>, BenchError> {
     pid.map(ProcSample::of_pid).transpose()
 }
 
+/// RSS that moves less than this over [`SETTLE_STEP`] counts as settled.
+const SETTLE_KB: u64 = 64;
+const SETTLE_STEP: Duration = Duration::from_millis(250);
+const SETTLE_MAX: Duration = Duration::from_secs(5);
+
+/// Samples the broker once its RSS has settled (at most [`SETTLE_MAX`]): a
+/// broker started just before the run may still be allocating its start-up
+/// state (several MB), which would otherwise count as connection memory.
+async fn settled_sample(pid: Option<u32>) -> Result<Option<ProcSample>, BenchError> {
+    let Some(pid) = pid else { return Ok(None) };
+    let give_up = Instant::now() + SETTLE_MAX;
+    let mut last = ProcSample::of_pid(pid)?;
+    while Instant::now() < give_up {
+        tokio::time::sleep(SETTLE_STEP).await;
+        let now = ProcSample::of_pid(pid)?;
+        let settled = now.rss_kb.abs_diff(last.rss_kb) < SETTLE_KB;
+        last = now;
+        if settled {
+            break;
+        }
+    }
+    Ok(Some(last))
+}
+
 /// conn-rate: N clients connect (at most 64 handshakes in flight) and are held
 /// until all are done, then all disconnect. Broker CPU is per connection over
 /// the connect phase.
@@ -166,9 +190,9 @@ pub(crate) async fn conn_rate(plan: &Plan) -> Result<BenchReport, BenchError> {
 
 /// idle-conns: opens N connections (each with one subscription if asked),
 /// holds them for --duration, and reports the broker's RSS growth per
-/// connection (VmRSS before connecting and at the end of the hold).
+/// connection (VmRSS before connecting, once settled, and at the end of the hold).
 pub(crate) async fn idle_conns(plan: &Plan) -> Result<BenchReport, BenchError> {
-    let before = sample(plan.broker_pid)?;
+    let before = settled_sample(plan.broker_pid).await?;
     let subscribe = plan.subscribe;
     let opened =
         open_many(plan, plan.clients, "idle", |i| subscribe.then(|| format!("bench/idle/{i}")), 64, false)

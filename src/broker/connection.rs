@@ -10,7 +10,8 @@
 //!
 //! Memory: an idle connection keeps no read or write buffer (reads go through
 //! a per-thread scratch buffer; the connection keeps bytes only for a partial
-//! packet), and all its state sits in one boxed struct.
+//! packet), and all its state sits in one struct inside the connection's task
+//! (the CONNECT and closing phases are boxed, freed when they end).
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
@@ -134,8 +135,9 @@ type Step = Result<(), Close>;
 
 /// Serves one connection (see the module docs).
 /// Not an `async fn`: the stream and the CONNECT phase go into one box at
-/// once, so the caller's task keeps only a few pointers for the connection's
-/// lifetime (idle connections are counted in bytes).
+/// once, freed when the client is accepted; from then on the connection's
+/// state lives in the caller's task itself, not in a box of its own (idle
+/// connections are counted in bytes).
 pub(crate) fn serve<S>(
     inner: Arc<Inner>,
     stream: S,
@@ -144,29 +146,33 @@ pub(crate) fn serve<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let metrics = inner.metrics.clone();
-    Metrics::inc(&metrics.connections_open);
-    Metrics::inc(&metrics.connections_total);
+    Metrics::inc(&inner.metrics.connections_open);
+    Metrics::inc(&inner.metrics.connections_total);
     let io = Io { stream, rbuf: BytesMut::new(), wbuf: BytesMut::new(), version: ProtocolVersion::V311 };
     // The CONNECT phase is boxed: its future is freed once the client is accepted.
     let connect = Box::pin(connect_phase(inner, io, peer));
     async move {
-        if let Some(conn) = connect.await {
-            conn.run().await;
-        }
-        Metrics::dec(&metrics.connections_open);
+        // `let else`, not `if let`: the scrutinee of an `if let` would keep a
+        // second copy of the connection's state in the task. Both phases count
+        // the connection out of `connections_open` when they end it.
+        let Some(mut conn) = connect.await else { return };
+        let close = conn.main_loop().await;
+        Box::pin(conn.finish(close)).await;
     }
 }
 
-async fn connect_phase<S>(inner: Arc<Inner>, mut io: Io<S>, peer: SocketAddr) -> Option<Box<Conn<S>>>
+async fn connect_phase<S>(inner: Arc<Inner>, mut io: Io<S>, peer: SocketAddr) -> Option<Conn<S>>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let connect = match tokio::time::timeout(CONNECT_TIMEOUT, read_connect(&inner, &mut io)).await {
-        Ok(Some(connect)) => connect,
-        _ => return None,
+    let accepted = match tokio::time::timeout(CONNECT_TIMEOUT, read_connect(&inner, &mut io)).await {
+        Ok(Some(connect)) => Box::pin(accept(inner.clone(), io, connect, peer)).await,
+        _ => None,
     };
-    Box::pin(accept(inner, io, connect, peer)).await
+    if accepted.is_none() {
+        Metrics::dec(&inner.metrics.connections_open);
+    }
+    accepted
 }
 
 /// Reads the first packet, which must be CONNECT. Answers a CONNECT that
@@ -294,7 +300,8 @@ enum Ev {
     Closed(Close),
 }
 
-/// The state of an accepted connection; boxed, so the task stays small.
+/// The state of an accepted connection; it lives in the connection's task,
+/// so keep it small.
 struct Conn<S> {
     inner: Arc<Inner>,
     io: Io<S>,
@@ -313,7 +320,7 @@ struct Conn<S> {
     in_unacked: u16,
     pending: VecDeque<Pending>,
     /// Entries of `pending` in stage `Unsent`.
-    unsent: usize,
+    unsent: u32,
     /// Fast-path deliveries taken from the mailbox, waiting for window room.
     held: VecDeque<Delivery>,
     out_inflight: BTreeMap<u16, OutFlight>,
@@ -323,10 +330,6 @@ struct Conn<S> {
     /// State in-flight entries were held back by the client's Receive Maximum.
     state_deferred: bool,
     acks: Vec<pb::AckEntry>,
-    /// The last publishClientSend / publishClientReceive answers (a client
-    /// usually repeats its topics): reused while the rules are unchanged.
-    may_publish: LastDecision,
-    may_receive: LastDecision,
     /// Rarely used state, allocated on first use (idle connections stay small).
     cold: Option<Box<Cold>>,
 }
@@ -341,6 +344,10 @@ struct Cold {
     in_qos2: BTreeSet<u16>,
     /// State in-flight entries sent on this connection, by packet id.
     state_sent: BTreeMap<u16, Sent>,
+    /// The last publishClientSend / publishClientReceive answers (a client
+    /// usually repeats its topics): reused while the rules are unchanged.
+    may_publish: LastDecision,
+    may_receive: LastDecision,
 }
 
 static NO_IDS: BTreeSet<u16> = BTreeSet::new();
@@ -375,7 +382,7 @@ fn random_client_id() -> String {
 }
 
 /// Handles CONNECT: checks, authentication, takeover, session open, CONNACK.
-async fn accept<S>(inner: Arc<Inner>, mut io: Io<S>, c: Connect, peer: SocketAddr) -> Option<Box<Conn<S>>>
+async fn accept<S>(inner: Arc<Inner>, mut io: Io<S>, c: Connect, peer: SocketAddr) -> Option<Conn<S>>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -553,7 +560,7 @@ where
     );
     inner.metrics.client_connected();
 
-    let mut conn = Box::new(Conn {
+    let mut conn = Conn {
         version,
         conn_id,
         mailbox,
@@ -572,12 +579,10 @@ where
         resume_dup: session_present,
         state_deferred: false,
         acks: Vec::new(),
-        may_publish: LastDecision::default(),
-        may_receive: LastDecision::default(),
         cold: None,
         io,
         inner,
-    });
+    };
     let will = if managed { None } else { c.will };
     if c.username.is_some() || will.is_some() {
         let cold = conn.cold();
@@ -684,11 +689,6 @@ impl<S> Conn<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
-    async fn run(mut self: Box<Self>) {
-        let close = self.main_loop().await;
-        Box::pin(self.finish(close)).await;
-    }
-
     /// Packet handling is synchronous; the rare waits (a full pipeline or ack
     /// queue) are boxed so the task's future stays small.
     async fn main_loop(&mut self) -> Close {
@@ -715,13 +715,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
                     return c;
                 }
             }
-            if !self.acks.is_empty() {
-                let acks = AckMsg::Entries(std::mem::take(&mut self.acks));
-                if let Err(mpsc::error::TrySendError::Full(m)) = self.inner.acks.try_send(acks) {
-                    let tx = self.inner.acks.clone();
-                    let _ = Box::pin(tx.send(m)).await;
-                }
+            if let Some(wait) = self.send_acks() {
+                wait.await;
             }
+        }
+    }
+
+    /// Hands the subscriber acks to the batching task; when its queue is
+    /// full, the wait for room (boxed: the task's future stays small).
+    fn send_acks(&mut self) -> Option<Pin<Box<impl Future<Output = ()> + Send + 'static>>> {
+        if self.acks.is_empty() {
+            return None;
+        }
+        let acks = AckMsg::Entries(std::mem::take(&mut self.acks));
+        match self.inner.acks.try_send(acks) {
+            Err(mpsc::error::TrySendError::Full(m)) => {
+                let tx = self.inner.acks.clone();
+                Some(Box::pin(async move {
+                    let _ = tx.send(m).await;
+                }))
+            }
+            _ => None,
         }
     }
 
@@ -896,11 +910,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             return Err(Close::server(reason::RETAIN_NOT_SUPPORTED, "retain is not available"));
         }
         Metrics::inc(&self.inner.metrics.publish_received);
-        let epoch = self.inner.auth.decision_epoch();
-        let username = self.cold.as_ref().and_then(|c| c.username.as_deref());
-        let allowed = self
-            .may_publish
-            .check(epoch, &topic, || self.inner.auth.can_publish(&self.client_id, username, &topic));
+        let auth = &self.inner.auth;
+        let allowed = match (auth.decision_epoch(), &mut self.cold) {
+            (None, cold) => {
+                auth.can_publish(&self.client_id, cold.as_ref().and_then(|c| c.username.as_deref()), &topic)
+            }
+            (epoch, cold) => {
+                let cold = cold.get_or_insert_with(Default::default);
+                let username = cold.username.as_deref();
+                cold.may_publish.check(epoch, &topic, || auth.can_publish(&self.client_id, username, &topic))
+            }
+        };
         if !allowed {
             let ack = match p.qos {
                 QoS::AtMostOnce => return Ok(()),
@@ -1628,11 +1648,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             }
             budget -= 1;
             let m = &e.delivery.message;
-            let epoch = inner.auth.decision_epoch();
-            let username = self.cold.as_ref().and_then(|c| c.username.as_deref());
-            let allowed = self
-                .may_receive
-                .check(epoch, &m.topic, || inner.auth.can_receive(&self.client_id, username, &m.topic));
+            let auth = &inner.auth;
+            let allowed = match (auth.decision_epoch(), &mut self.cold) {
+                (None, cold) => auth.can_receive(
+                    &self.client_id,
+                    cold.as_ref().and_then(|c| c.username.as_deref()),
+                    &m.topic,
+                ),
+                (epoch, cold) => {
+                    let cold = cold.get_or_insert_with(Default::default);
+                    let username = cold.username.as_deref();
+                    cold.may_receive
+                        .check(epoch, &m.topic, || auth.can_receive(&self.client_id, username, &m.topic))
+                }
+            };
             if !allowed {
                 // publishClientReceive denies it now: dropped as if acknowledged.
                 self.drop_state_delivery(pid, e.delivery.qos, msg_key);
@@ -1681,7 +1710,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
 
     // ------------------------------------------------------------ the end
 
-    async fn finish(mut self: Box<Self>, close: Close) {
+    async fn finish(mut self, close: Close) {
         let metrics = self.inner.metrics.clone();
         // A kick by dynamic security ends the connection without its will.
         let publish_will = !matches!(
@@ -1806,8 +1835,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         }
         Metrics::dec(&metrics.clients_connected);
         if linger {
-            self.linger().await;
+            // Boxed: its timer would otherwise grow every connection's task.
+            Box::pin(self.linger()).await;
         }
+        Metrics::dec(&metrics.connections_open);
     }
 
     /// Lingering close, after the server closed the connection (and sent its

@@ -96,14 +96,11 @@ struct Inner {
     items: VecDeque<Delivery>,
     flags: u8,
     waker: Option<Waker>,
-    /// Connections waiting for the attached one to finish (session takeover).
-    closers: Vec<oneshot::Sender<()>>,
     /// What the authorization hook needs about the attached connection;
     /// boxed because most connections never need it (idle ones stay small).
     receiver: Option<Box<Receiver>>,
-    /// Every filter this session subscribes (as sent, `$share/...` included),
-    /// so the router can be cleaned when the session ends.
-    filters: Vec<String>,
+    /// Allocated on first use: idle sessions are counted in bytes.
+    rare: Option<Box<Rare>>,
 }
 
 #[derive(Debug, Default)]
@@ -111,6 +108,28 @@ struct Receiver {
     username: Option<Box<str>>,
     /// The last publishClientReceive answer for this client.
     may_receive: LastDecision,
+}
+
+#[derive(Debug, Default)]
+struct Rare {
+    /// Connections waiting for the attached one to finish (session takeover).
+    closers: Vec<oneshot::Sender<()>>,
+    /// Every filter this session subscribes (as sent, `$share/...` included),
+    /// so the router can be cleaned when the session ends.
+    filters: Vec<String>,
+}
+
+impl Inner {
+    fn rare(&mut self) -> &mut Rare {
+        self.rare.get_or_insert_with(Default::default)
+    }
+
+    /// Frees the rarely used part once it holds nothing.
+    fn trim_rare(&mut self) {
+        if self.rare.as_ref().is_some_and(|r| r.closers.is_empty() && r.filters.is_empty()) {
+            self.rare = None;
+        }
+    }
 }
 
 /// The handle of one session (see the module docs).
@@ -262,7 +281,7 @@ impl Mailbox {
                 return Ok(());
             }
             let (tx, r) = oneshot::channel();
-            g.closers.push(tx);
+            g.rare().closers.push(tx);
             g.flags |= flag::TAKEOVER;
             waker = g.waker.take();
             rx = r;
@@ -285,8 +304,10 @@ impl Mailbox {
         g.flags = 0;
         g.waker = None;
         self.online.store(false, Ordering::Relaxed);
-        let waiting = !g.closers.is_empty();
-        for c in g.closers.drain(..) {
+        let closers = g.rare.as_mut().map(|r| std::mem::take(&mut r.closers)).unwrap_or_default();
+        g.trim_rare();
+        let waiting = !closers.is_empty();
+        for c in closers {
             let _ = c.send(());
         }
         waiting
@@ -310,17 +331,25 @@ impl Mailbox {
 
     pub fn add_filter(&self, f: &str) {
         let mut g = self.inner.lock();
-        if !g.filters.iter().any(|x| x == f) {
-            g.filters.push(f.to_owned());
+        let filters = &mut g.rare().filters;
+        if !filters.iter().any(|x| x == f) {
+            filters.push(f.to_owned());
         }
     }
 
     pub fn remove_filter(&self, f: &str) {
-        self.inner.lock().filters.retain(|x| x != f);
+        let mut g = self.inner.lock();
+        if let Some(r) = g.rare.as_mut() {
+            r.filters.retain(|x| x != f);
+        }
+        g.trim_rare();
     }
 
     pub fn take_filters(&self) -> Vec<String> {
-        std::mem::take(&mut self.inner.lock().filters)
+        let mut g = self.inner.lock();
+        let filters = g.rare.as_mut().map(|r| std::mem::take(&mut r.filters)).unwrap_or_default();
+        g.trim_rare();
+        filters
     }
 }
 

@@ -788,6 +788,9 @@ async fn shutdown_sends_0x8b() {
 }
 
 /// Idle connections are counted in bytes: keep the long-lived parts small.
+/// The serve future holds the connection's state and lives in the task (tokio
+/// rounds a task up to a multiple of 128 bytes, about 100 of them its own):
+/// with the listener's few words around it, it must stay within 512.
 #[test]
 fn per_connection_state_stays_small() {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
@@ -795,9 +798,9 @@ fn per_connection_state_stays_small() {
         let br = broker();
         let (_a, srv) = tokio::io::duplex(64);
         let fut = br.serve_connection(srv, "127.0.0.1:1".parse().expect("addr"));
-        assert!(std::mem::size_of_val(&fut) <= 160, "serve future: {}", std::mem::size_of_val(&fut));
-        assert!(std::mem::size_of::<super::session::Mailbox>() <= 176);
+        assert!(std::mem::size_of_val(&fut) <= 352, "serve future: {}", std::mem::size_of_val(&fut));
+        assert!(std::mem::size_of::<super::session::Mailbox>() <= 136);
         let conn = super::connection::conn_size::<tokio::net::TcpStream>();
-        assert!(conn <= 320, "connection state: {conn}");
+        assert!(conn <= 296, "connection state: {conn}");
     });
 }

@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
@@ -299,37 +299,16 @@ impl Listener {
                 // The socket is usable without it; only latency suffers.
                 tracing::debug!(listener = %self.name, %peer, error = %e, "cannot set TCP_NODELAY");
             }
-            let conn = conn.clone();
-            let handler = handler.clone();
-            let shutdown = shutdown.clone();
+            // The handshake and the handler's set-up run in a box freed once the
+            // handler starts: the task itself keeps only the handler's future and
+            // the connection's permit for the connection's lifetime (idle
+            // connections are counted in bytes).
+            let setup = Box::pin(conn.clone().setup(socket, peer, handler.clone(), shutdown.clone(), permit));
             tokio::spawn(async move {
-                let _permit = permit;
-                // Boxed: the TLS/WebSocket handshake state is large and would otherwise
-                // stay inline in every connection's task for its whole life (about
-                // 11 KB per idle connection, measured).
-                let handshake =
-                    Box::pin(tokio::time::timeout(conn.handshake_timeout, conn.handshake(socket, peer)));
-                let (stream, peer) = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    result = handshake => match result {
-                        Ok(Ok(pair)) => pair,
-                        Ok(Err(HandshakeError::Proxy(e))) => {
-                            // Most likely a load balancer (or client) configured
-                            // without the PROXY protocol: say so plainly.
-                            tracing::warn!(listener = %conn.name, %peer, error = %e, "closing connection: bad PROXY protocol header");
-                            return;
-                        }
-                        Ok(Err(e)) => {
-                            tracing::debug!(listener = %conn.name, %peer, error = %e, "handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::debug!(listener = %conn.name, %peer, "handshake timed out");
-                            return;
-                        }
-                    },
-                };
-                handler(stream, peer).await;
+                // `let else`, not `if let`: an `if let` scrutinee would keep a
+                // second copy of the handler's future in the task.
+                let Some((serve, _permit)) = setup.await else { return };
+                serve.await;
             });
         }
         tracing::info!(listener = %self.name, "listener stopped");
@@ -347,6 +326,44 @@ struct ConnSetup {
 }
 
 impl ConnSetup {
+    /// The handshake under the timeout (abandoned on shutdown), then the
+    /// handler's future for the stream, with the connection's slot of
+    /// `max_connections`; `None` when the connection is closed before that
+    /// (logged).
+    async fn setup<F, Fut>(
+        self: Arc<Self>,
+        socket: TcpStream,
+        peer: SocketAddr,
+        handler: Arc<F>,
+        shutdown: CancellationToken,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> Option<(Fut, Option<OwnedSemaphorePermit>)>
+    where
+        F: Fn(ClientStream, SocketAddr) -> Fut,
+    {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            result = tokio::time::timeout(self.handshake_timeout, self.handshake(socket, peer)) => match result {
+                Ok(Ok(pair)) => pair,
+                Ok(Err(HandshakeError::Proxy(e))) => {
+                    // Most likely a load balancer (or client) configured
+                    // without the PROXY protocol: say so plainly.
+                    tracing::warn!(listener = %self.name, %peer, error = %e, "closing connection: bad PROXY protocol header");
+                    return None;
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(listener = %self.name, %peer, error = %e, "handshake failed");
+                    return None;
+                }
+                Err(_) => {
+                    tracing::debug!(listener = %self.name, %peer, "handshake timed out");
+                    return None;
+                }
+            },
+        };
+        Some((handler(stream, peer), permit))
+    }
+
     /// The PROXY header (when configured, before anything else: it precedes
     /// TLS), then the transport's handshake. Returns the stream and the
     /// client's address (from the PROXY header when it carries one).
