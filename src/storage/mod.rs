@@ -6,11 +6,17 @@
 //!
 //! Durability contract (openraft's `RaftLogStorage`): `append` writes the
 //! entries to sled (readable at once) and hands the completion callback to a
-//! flusher task; the flusher takes every callback queued so far, runs ONE
-//! `flush_async` (fsync), then completes them all. That is the group commit:
-//! however many entries and appends arrive meanwhile, they share one fsync,
-//! and no callback (the durability promise) fires before its flush. A vote is
-//! flushed before `save_vote` returns.
+//! flusher thread; the flusher takes every callback queued so far, runs ONE
+//! sled `flush` (write + sync of sled's log), then completes them all. That
+//! is the group commit: however many entries and appends arrive meanwhile,
+//! they share one flush, and no callback (the durability promise) fires
+//! before its flush. A vote is flushed before `save_vote` returns.
+//!
+//! The flusher is a dedicated OS thread calling sled's blocking `flush`, not
+//! a task awaiting `flush_async`: `flush_async` runs the flush on sled's I/O
+//! pool, and every job handed to that pool wakes all of its idle threads
+//! (`notify_all` on one condvar), so each flush cost two rounds of thread
+//! wake-ups instead of one. Measured in docs/BENCHMARKS.md (cluster section).
 //!
 //! Layout: log tree, key = index as big-endian u64 (so sled's order is log
 //! order), value = `raft.Entry`; meta tree: `vote`, `committed`, `purged`.
@@ -204,8 +210,8 @@ impl Drop for ClosedOnDrop {
 }
 
 impl LogStore {
-    /// Opens (or creates) the store in `dir`. Must run inside a tokio runtime:
-    /// it spawns the flusher task, which ends when the store is dropped.
+    /// Opens (or creates) the store in `dir` and starts its flusher thread,
+    /// which ends when the store is dropped.
     pub fn open(dir: &Path) -> Result<LogStore, StorageError> {
         // sled's default page cache is 1 GiB; the log is read mostly at its tail.
         let db = sled::Config::new()
@@ -219,7 +225,10 @@ impl LogStore {
         let (closed_tx, closed) = watch::channel(false);
         let inner = Arc::new(Inner { db, log, meta, _closed: ClosedOnDrop(closed_tx) });
         let stats = Arc::new(StorageStats::new());
-        tokio::spawn(flush_loop(inner.clone(), stats.clone(), rx));
+        let (flush_inner, flush_stats) = (inner.clone(), stats.clone());
+        std::thread::Builder::new()
+            .name("raft-log-flush".into())
+            .spawn(move || flush_loop(flush_inner, flush_stats, rx))?;
         Ok(LogStore { inner, stats, flusher: tx, closed })
     }
 
@@ -257,20 +266,17 @@ impl LogStore {
     }
 }
 
-/// Group commit: one fsync for every append queued before it started.
-async fn flush_loop(
-    inner: Arc<Inner>,
-    stats: Arc<StorageStats>,
-    mut rx: mpsc::Receiver<IOFlushed<TypeConfig>>,
-) {
+/// Group commit: one flush for every append queued before it started. Runs
+/// on its own thread (see the module docs); ends when every sender is gone.
+fn flush_loop(inner: Arc<Inner>, stats: Arc<StorageStats>, mut rx: mpsc::Receiver<IOFlushed<TypeConfig>>) {
     let mut waiting = Vec::new();
-    while let Some(cb) = rx.recv().await {
+    while let Some(cb) = rx.blocking_recv() {
         waiting.push(cb);
         while let Ok(cb) = rx.try_recv() {
             waiting.push(cb);
         }
         let started = std::time::Instant::now();
-        let result = inner.db.flush_async().await.map(|_| ()).map_err(|e| e.to_string());
+        let result = inner.db.flush().map(|_| ()).map_err(|e| e.to_string());
         stats.record_flush(started.elapsed());
         for cb in waiting.drain(..) {
             cb.io_completed(result.clone().map_err(io::Error::other));
