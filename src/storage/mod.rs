@@ -51,6 +51,11 @@ const MAX_READ_BYTES: usize = 8 * 1024 * 1024;
 
 /// sled page cache per node.
 const CACHE_BYTES: u64 = 64 * 1024 * 1024;
+/// `save_committed` writes the commit index at most this often. It is a
+/// lower bound anyway (see `save_committed`); writing it on every commit cost
+/// a sled insert per entry on every node, and the garbage those rewrites of
+/// one key leave keeps sled's segment cleaner busy.
+const COMMITTED_SAVE_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
 const KEY_VOTE: &[u8] = b"vote";
 const KEY_COMMITTED: &[u8] = b"committed";
@@ -183,6 +188,8 @@ pub struct LogStore {
     stats: Arc<StorageStats>,
     flusher: mpsc::Sender<IOFlushed<TypeConfig>>,
     closed: watch::Receiver<bool>,
+    /// When the commit index was last written (None: not yet).
+    committed_saved_at: Option<std::time::Instant>,
 }
 
 /// Reads the log; cheap to clone.
@@ -229,7 +236,7 @@ impl LogStore {
         std::thread::Builder::new()
             .name("raft-log-flush".into())
             .spawn(move || flush_loop(flush_inner, flush_stats, rx))?;
-        Ok(LogStore { inner, stats, flusher: tx, closed })
+        Ok(LogStore { inner, stats, flusher: tx, closed, committed_saved_at: None })
     }
 
     /// The store's counters (they outlive the store).
@@ -368,8 +375,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
-        // Not flushed on its own: losing the latest value only makes a restart
-        // re-apply less; the next append's flush persists it.
+        // Not flushed on its own, and written at most every
+        // COMMITTED_SAVE_EVERY: a stale (lower) value only makes a restart
+        // apply less before the leader commits the rest again; the next
+        // append's flush persists it. `raftmq recover` reads past it anyway.
+        let now = std::time::Instant::now();
+        if self.committed_saved_at.is_some_and(|at| now.duration_since(at) < COMMITTED_SAVE_EVERY) {
+            return Ok(());
+        }
+        self.committed_saved_at = Some(now);
         self.put_meta(KEY_COMMITTED, committed.as_ref().map(|l| convert::log_id_to_pb(l).encode_to_vec()))
     }
 
