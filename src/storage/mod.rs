@@ -190,6 +190,8 @@ pub struct LogStore {
     closed: watch::Receiver<bool>,
     /// When the commit index was last written (None: not yet).
     committed_saved_at: Option<std::time::Instant>,
+    /// Purge points for the purger thread (see `purge`).
+    purger: std::sync::mpsc::Sender<u64>,
 }
 
 /// Reads the log; cheap to clone.
@@ -236,7 +238,12 @@ impl LogStore {
         std::thread::Builder::new()
             .name("raft-log-flush".into())
             .spawn(move || flush_loop(flush_inner, flush_stats, rx))?;
-        Ok(LogStore { inner, stats, flusher: tx, closed, committed_saved_at: None })
+        let (purger, purge_rx) = std::sync::mpsc::channel();
+        let purge_inner = inner.clone();
+        std::thread::Builder::new()
+            .name("raft-log-purge".into())
+            .spawn(move || purge_loop(purge_inner, purge_rx))?;
+        Ok(LogStore { inner, stats, flusher: tx, closed, committed_saved_at: None, purger })
     }
 
     /// The store's counters (they outlive the store).
@@ -287,6 +294,39 @@ fn flush_loop(inner: Arc<Inner>, stats: Arc<StorageStats>, mut rx: mpsc::Receive
         stats.record_flush(started.elapsed());
         for cb in waiting.drain(..) {
             cb.io_completed(result.clone().map_err(io::Error::other));
+        }
+    }
+}
+
+/// Keys removed per sled batch by the purger.
+const PURGE_CHUNK: usize = 1024;
+
+/// Removes the log entries at or below each purge point it is sent, in
+/// chunks, off Raft's path. Ends when the store is dropped.
+fn purge_loop(inner: Arc<Inner>, rx: std::sync::mpsc::Receiver<u64>) {
+    while let Ok(mut upto) = rx.recv() {
+        while let Ok(later) = rx.try_recv() {
+            upto = upto.max(later);
+        }
+        loop {
+            let keys: Result<Vec<sled::IVec>, _> =
+                inner.log.range(..=index_key(upto)).keys().take(PURGE_CHUNK).collect();
+            let keys = match keys {
+                Ok(k) if k.is_empty() => break,
+                Ok(k) => k,
+                Err(e) => {
+                    tracing::warn!(error = %e, "log purge: reading keys failed; the next purge retries");
+                    break;
+                }
+            };
+            let mut batch = sled::Batch::default();
+            for k in keys {
+                batch.remove(k);
+            }
+            if let Err(e) = inner.log.apply_batch(batch) {
+                tracing::warn!(error = %e, "log purge failed; the next purge retries");
+                break;
+            }
         }
     }
 }
@@ -436,17 +476,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // Record the purge point first: entries at or below it are never read
         // again, so a crash before they are removed leaves no hole.
         self.put_meta(KEY_PURGED, Some(convert::log_id_to_pb(&log_id).encode_to_vec()))?;
-        let keys: Vec<sled::IVec> = self
-            .inner
-            .log
-            .range(..=index_key(log_id.index))
-            .keys()
-            .collect::<Result<_, _>>()
-            .map_err(sled_err)?;
-        let mut batch = sled::Batch::default();
-        for k in keys {
-            batch.remove(k);
+        // The removal itself runs on the purger thread: after a snapshot it
+        // is thousands of keys (snapshot_every - keep_after_snapshot), and
+        // done here it held up Raft (heartbeats, appends) on every node at
+        // once, long enough on a loaded machine for the leader to lose its
+        // quorum lease. Every purge removes all keys up to its point, so
+        // entries a crash left behind go with the next one.
+        if self.purger.send(log_id.index).is_err() {
+            return Err(io::Error::other("log purger stopped"));
         }
-        self.inner.log.apply_batch(batch).map_err(sled_err)
+        Ok(())
     }
 }
