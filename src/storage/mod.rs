@@ -15,8 +15,13 @@
 //! The flusher is a dedicated OS thread calling sled's blocking `flush`, not
 //! a task awaiting `flush_async`: `flush_async` runs the flush on sled's I/O
 //! pool, and every job handed to that pool wakes all of its idle threads
-//! (`notify_all` on one condvar), so each flush cost two rounds of thread
-//! wake-ups instead of one. Measured in docs/BENCHMARKS.md (cluster section).
+//! (`notify_all` on one condvar, fixed in vendor/sled to wake one), so each
+//! flush cost two rounds of thread wake-ups instead of one. Measured in
+//! docs/BENCHMARKS.md (cluster section).
+//!
+//! `purge` records the purge point and leaves the removal of the entries to a
+//! purger thread (see `purge`); the commit index is written at most every
+//! 100 ms (a lower bound, see `save_committed`).
 //!
 //! Layout: log tree, key = index as big-endian u64 (so sled's order is log
 //! order), value = `raft.Entry`; meta tree: `vote`, `committed`, `purged`.
