@@ -38,6 +38,13 @@ const QUEUE: usize = 4096;
 const MAX_BATCH: usize = 512;
 /// Raft back end: batches proposed and not yet committed, at most.
 pub const MAX_IN_FLIGHT: usize = 32;
+/// Raft back end: beyond this many batches in flight, only a full batch
+/// ([`MAX_BATCH`] commands or [`MAX_BATCH_BYTES`]) is proposed; a smaller one
+/// waits for a commit and keeps filling meanwhile. Each entry costs every node
+/// a fixed amount of work (append, replication, apply), so under load fewer,
+/// fuller entries carry the same commands for less CPU; with few batches in
+/// flight (light load) a batch still goes out at once, adding no latency.
+pub const SOFT_IN_FLIGHT: usize = 4;
 /// Raft back end: encoded bytes per batch at most (well below what one entry may carry).
 const MAX_BATCH_BYTES: usize = MAX_ENTRY_BYTES / 2;
 
@@ -239,6 +246,8 @@ async fn run_raft(
     // Proposals taken from the queue but not yet in a submitted batch (a
     // batch is cut at MAX_BATCH_BYTES).
     let mut carry: std::collections::VecDeque<Proposal> = std::collections::VecDeque::new();
+    // Encoded size of `carry` (as `cut_batch` counts it).
+    let mut carry_bytes = 0;
     let mut inflight = FuturesOrdered::new();
     let mut open = true;
     loop {
@@ -248,10 +257,12 @@ async fn run_raft(
             Some((replies, outcome)) = inflight.next(), if !inflight.is_empty() => {
                 answer(replies, outcome, &metrics);
             }
-            n = rx.recv_many(&mut buf, MAX_BATCH), if room && open && carry.is_empty() => {
+            // Keep filling while a batch waits (SOFT_IN_FLIGHT), up to one full batch.
+            n = rx.recv_many(&mut buf, MAX_BATCH), if room && open && carry.len() < MAX_BATCH => {
                 if n == 0 {
                     open = false;
                 } else {
+                    carry_bytes += buf.iter().map(proposal_bytes).sum::<usize>();
                     carry.extend(buf.drain(..));
                 }
             }
@@ -261,9 +272,18 @@ async fn run_raft(
                 }
             }
         }
-        // Submit what is waiting, while there is room in the window.
-        while !carry.is_empty() && inflight.len() < MAX_IN_FLIGHT {
-            let (batch, replies) = cut_batch(&mut carry);
+        // Submit what is waiting, while there is room in the window: any
+        // batch below SOFT_IN_FLIGHT, only full ones above it (and all that
+        // is left once the queue is closed).
+        while !carry.is_empty()
+            && inflight.len() < MAX_IN_FLIGHT
+            && (inflight.len() < SOFT_IN_FLIGHT
+                || !open
+                || carry.len() >= MAX_BATCH
+                || carry_bytes >= MAX_BATCH_BYTES)
+        {
+            let (batch, replies, taken) = cut_batch(&mut carry);
+            carry_bytes -= taken;
             if !raft.is_leader() {
                 // Only a leader can commit: answer at once (dropped replies)
                 // instead of asking Raft (a follower's periodic Tick lands here).
@@ -303,14 +323,20 @@ async fn run_raft(
     }
 }
 
+/// What a proposal adds to a batch's size, as [`cut_batch`] counts it.
+fn proposal_bytes(p: &Proposal) -> usize {
+    p.cmd.encoded_len() + 8
+}
+
 /// Takes proposals from the front of `carry` into one batch: at most
 /// [`MAX_BATCH`] commands and [`MAX_BATCH_BYTES`] (but at least one command).
-fn cut_batch(carry: &mut std::collections::VecDeque<Proposal>) -> (pb::Batch, Replies) {
+/// Also returns the bytes taken (by [`proposal_bytes`]).
+fn cut_batch(carry: &mut std::collections::VecDeque<Proposal>) -> (pb::Batch, Replies, usize) {
     let mut batch = pb::Batch { now_ms: now_ms(), commands: Vec::new() };
     let mut replies = Vec::new();
     let mut bytes = 0;
     while let Some(p) = carry.front() {
-        let len = p.cmd.encoded_len() + 8;
+        let len = proposal_bytes(p);
         if !batch.commands.is_empty() && (bytes + len > MAX_BATCH_BYTES || batch.commands.len() >= MAX_BATCH)
         {
             break;
@@ -320,7 +346,7 @@ fn cut_batch(carry: &mut std::collections::VecDeque<Proposal>) -> (pb::Batch, Re
         batch.commands.push(p.cmd);
         replies.push(p.reply);
     }
-    (batch, replies)
+    (batch, replies, bytes)
 }
 
 /// Answers each proposal of a committed batch with its command's result; a

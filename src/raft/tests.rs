@@ -164,3 +164,31 @@ async fn log_store_survives_reopen() {
     assert_eq!(got.iter().map(|e| e.log_id.index).collect::<Vec<_>>(), vec![3, 4, 5]);
     assert_eq!(reader.read_vote().await.unwrap(), Some(super::types::Vote::new_committed(1, 1)));
 }
+
+#[tokio::test]
+async fn purge_removes_the_entries_below_its_point_in_the_background() {
+    use openraft::RaftLogReader;
+    let dir = tempfile::tempdir().unwrap();
+    let entries: Vec<Entry> = (1..=3000).map(|i| batch_entry(i, vec![retained_publish("t", "x")])).collect();
+    let mut log = LogStore::open(dir.path()).unwrap();
+    let (tx, rx) = TypeConfig::oneshot();
+    log.append(entries.clone(), openraft::storage::IOFlushed::signal(tx)).await.unwrap();
+    rx.await.unwrap().unwrap();
+    // More than one purger chunk (1024 keys) below the point.
+    log.purge(entries[2499].log_id).await.unwrap();
+    let st = log.get_log_state().await.unwrap();
+    assert_eq!(st.last_purged_log_id.map(|l| l.index), Some(2500));
+    assert_eq!(st.last_log_id.map(|l| l.index), Some(3000));
+    let mut reader = log.get_log_reader().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if reader.try_get_log_entries(1..=2500).await.unwrap().is_empty() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "entries below the purge point still there");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let kept = reader.try_get_log_entries(2501..=3000).await.unwrap();
+    assert_eq!(kept.len(), 500);
+    assert_eq!(kept.first().map(|e| e.log_id.index), Some(2501));
+}

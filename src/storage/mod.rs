@@ -6,11 +6,22 @@
 //!
 //! Durability contract (openraft's `RaftLogStorage`): `append` writes the
 //! entries to sled (readable at once) and hands the completion callback to a
-//! flusher task; the flusher takes every callback queued so far, runs ONE
-//! `flush_async` (fsync), then completes them all. That is the group commit:
-//! however many entries and appends arrive meanwhile, they share one fsync,
-//! and no callback (the durability promise) fires before its flush. A vote is
-//! flushed before `save_vote` returns.
+//! flusher thread; the flusher takes every callback queued so far, runs ONE
+//! sled `flush` (write + sync of sled's log), then completes them all. That
+//! is the group commit: however many entries and appends arrive meanwhile,
+//! they share one flush, and no callback (the durability promise) fires
+//! before its flush. A vote is flushed before `save_vote` returns.
+//!
+//! The flusher is a dedicated OS thread calling sled's blocking `flush`, not
+//! a task awaiting `flush_async`: `flush_async` runs the flush on sled's I/O
+//! pool, and every job handed to that pool wakes all of its idle threads
+//! (`notify_all` on one condvar, fixed in vendor/sled to wake one), so each
+//! flush cost two rounds of thread wake-ups instead of one. Measured in
+//! docs/BENCHMARKS.md (cluster section).
+//!
+//! `purge` records the purge point and leaves the removal of the entries to a
+//! purger thread (see `purge`); the commit index is written at most every
+//! 100 ms (a lower bound, see `save_committed`).
 //!
 //! Layout: log tree, key = index as big-endian u64 (so sled's order is log
 //! order), value = `raft.Entry`; meta tree: `vote`, `committed`, `purged`.
@@ -45,6 +56,11 @@ const MAX_READ_BYTES: usize = 8 * 1024 * 1024;
 
 /// sled page cache per node.
 const CACHE_BYTES: u64 = 64 * 1024 * 1024;
+/// `save_committed` writes the commit index at most this often. It is a
+/// lower bound anyway (see `save_committed`); writing it on every commit cost
+/// a sled insert per entry on every node, and the garbage those rewrites of
+/// one key leave keeps sled's segment cleaner busy.
+const COMMITTED_SAVE_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
 const KEY_VOTE: &[u8] = b"vote";
 const KEY_COMMITTED: &[u8] = b"committed";
@@ -177,6 +193,10 @@ pub struct LogStore {
     stats: Arc<StorageStats>,
     flusher: mpsc::Sender<IOFlushed<TypeConfig>>,
     closed: watch::Receiver<bool>,
+    /// When the commit index was last written (None: not yet).
+    committed_saved_at: Option<std::time::Instant>,
+    /// Purge points for the purger thread (see `purge`).
+    purger: std::sync::mpsc::Sender<u64>,
 }
 
 /// Reads the log; cheap to clone.
@@ -204,8 +224,8 @@ impl Drop for ClosedOnDrop {
 }
 
 impl LogStore {
-    /// Opens (or creates) the store in `dir`. Must run inside a tokio runtime:
-    /// it spawns the flusher task, which ends when the store is dropped.
+    /// Opens (or creates) the store in `dir` and starts its flusher thread,
+    /// which ends when the store is dropped.
     pub fn open(dir: &Path) -> Result<LogStore, StorageError> {
         // sled's default page cache is 1 GiB; the log is read mostly at its tail.
         let db = sled::Config::new()
@@ -219,8 +239,16 @@ impl LogStore {
         let (closed_tx, closed) = watch::channel(false);
         let inner = Arc::new(Inner { db, log, meta, _closed: ClosedOnDrop(closed_tx) });
         let stats = Arc::new(StorageStats::new());
-        tokio::spawn(flush_loop(inner.clone(), stats.clone(), rx));
-        Ok(LogStore { inner, stats, flusher: tx, closed })
+        let (flush_inner, flush_stats) = (inner.clone(), stats.clone());
+        std::thread::Builder::new()
+            .name("raft-log-flush".into())
+            .spawn(move || flush_loop(flush_inner, flush_stats, rx))?;
+        let (purger, purge_rx) = std::sync::mpsc::channel();
+        let purge_inner = inner.clone();
+        std::thread::Builder::new()
+            .name("raft-log-purge".into())
+            .spawn(move || purge_loop(purge_inner, purge_rx))?;
+        Ok(LogStore { inner, stats, flusher: tx, closed, committed_saved_at: None, purger })
     }
 
     /// The store's counters (they outlive the store).
@@ -257,23 +285,53 @@ impl LogStore {
     }
 }
 
-/// Group commit: one fsync for every append queued before it started.
-async fn flush_loop(
-    inner: Arc<Inner>,
-    stats: Arc<StorageStats>,
-    mut rx: mpsc::Receiver<IOFlushed<TypeConfig>>,
-) {
+/// Group commit: one flush for every append queued before it started. Runs
+/// on its own thread (see the module docs); ends when every sender is gone.
+fn flush_loop(inner: Arc<Inner>, stats: Arc<StorageStats>, mut rx: mpsc::Receiver<IOFlushed<TypeConfig>>) {
     let mut waiting = Vec::new();
-    while let Some(cb) = rx.recv().await {
+    while let Some(cb) = rx.blocking_recv() {
         waiting.push(cb);
         while let Ok(cb) = rx.try_recv() {
             waiting.push(cb);
         }
         let started = std::time::Instant::now();
-        let result = inner.db.flush_async().await.map(|_| ()).map_err(|e| e.to_string());
+        let result = inner.db.flush().map(|_| ()).map_err(|e| e.to_string());
         stats.record_flush(started.elapsed());
         for cb in waiting.drain(..) {
             cb.io_completed(result.clone().map_err(io::Error::other));
+        }
+    }
+}
+
+/// Keys removed per sled batch by the purger.
+const PURGE_CHUNK: usize = 1024;
+
+/// Removes the log entries at or below each purge point it is sent, in
+/// chunks, off Raft's path. Ends when the store is dropped.
+fn purge_loop(inner: Arc<Inner>, rx: std::sync::mpsc::Receiver<u64>) {
+    while let Ok(mut upto) = rx.recv() {
+        while let Ok(later) = rx.try_recv() {
+            upto = upto.max(later);
+        }
+        loop {
+            let keys: Result<Vec<sled::IVec>, _> =
+                inner.log.range(..=index_key(upto)).keys().take(PURGE_CHUNK).collect();
+            let keys = match keys {
+                Ok(k) if k.is_empty() => break,
+                Ok(k) => k,
+                Err(e) => {
+                    tracing::warn!(error = %e, "log purge: reading keys failed; the next purge retries");
+                    break;
+                }
+            };
+            let mut batch = sled::Batch::default();
+            for k in keys {
+                batch.remove(k);
+            }
+            if let Err(e) = inner.log.apply_batch(batch) {
+                tracing::warn!(error = %e, "log purge failed; the next purge retries");
+                break;
+            }
         }
     }
 }
@@ -362,8 +420,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
-        // Not flushed on its own: losing the latest value only makes a restart
-        // re-apply less; the next append's flush persists it.
+        // Not flushed on its own, and written at most every
+        // COMMITTED_SAVE_EVERY: a stale (lower) value only makes a restart
+        // apply less before the leader commits the rest again; the next
+        // append's flush persists it. `raftmq recover` reads past it anyway.
+        let now = std::time::Instant::now();
+        if self.committed_saved_at.is_some_and(|at| now.duration_since(at) < COMMITTED_SAVE_EVERY) {
+            return Ok(());
+        }
+        self.committed_saved_at = Some(now);
         self.put_meta(KEY_COMMITTED, committed.as_ref().map(|l| convert::log_id_to_pb(l).encode_to_vec()))
     }
 
@@ -416,17 +481,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // Record the purge point first: entries at or below it are never read
         // again, so a crash before they are removed leaves no hole.
         self.put_meta(KEY_PURGED, Some(convert::log_id_to_pb(&log_id).encode_to_vec()))?;
-        let keys: Vec<sled::IVec> = self
-            .inner
-            .log
-            .range(..=index_key(log_id.index))
-            .keys()
-            .collect::<Result<_, _>>()
-            .map_err(sled_err)?;
-        let mut batch = sled::Batch::default();
-        for k in keys {
-            batch.remove(k);
+        // The removal itself runs on the purger thread: after a snapshot it
+        // is thousands of keys (snapshot_every - keep_after_snapshot), and
+        // done here it held up Raft (heartbeats, appends) on every node at
+        // once, long enough on a loaded machine for the leader to lose its
+        // quorum lease. Every purge removes all keys up to its point, so
+        // entries a crash left behind go with the next one.
+        if self.purger.send(log_id.index).is_err() {
+            return Err(io::Error::other("log purger stopped"));
         }
-        self.inner.log.apply_batch(batch).map_err(sled_err)
+        Ok(())
     }
 }
