@@ -746,7 +746,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
                 let Stage::Unsent(cmd) = std::mem::replace(&mut p.stage, Stage::Done(None)) else { continue };
                 match self.inner.pipeline.submit(*cmd).await {
                     Ok(rx) => p.stage = Stage::Waiting(rx),
-                    Err(_) => return Err(Close::server(reason::SERVER_UNAVAILABLE, "state pipeline closed")),
+                    Err(_) => return Err(Close::server(reason::SERVER_BUSY, "state pipeline closed")),
                 }
             }
         }
@@ -767,7 +767,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
                     Stage::Unsent(cmd)
                 }
                 Err(TrySubmitError::Closed) => {
-                    return Err(Close::server(reason::SERVER_UNAVAILABLE, "state pipeline closed"))
+                    return Err(Close::server(reason::SERVER_BUSY, "state pipeline closed"))
                 }
             }
         };
@@ -1055,7 +1055,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
                     Ok(r) => Some(Ok(r)),
                     Err(oneshot::error::TryRecvError::Empty) => break,
                     Err(oneshot::error::TryRecvError::Closed) => {
-                        return Err(Close::server(reason::SERVER_UNAVAILABLE, "state pipeline closed"));
+                        return Err(Close::server(reason::SERVER_BUSY, "state pipeline closed"));
                     }
                 },
                 Stage::Done(r) => r.take(),
@@ -1064,9 +1064,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             let reply = match result {
                 None => None,
                 Some(Ok(r)) => Some(r),
-                Some(Err(_)) => {
-                    return Err(Close::server(reason::SERVER_UNAVAILABLE, "state pipeline closed"))
-                }
+                Some(Err(_)) => return Err(Close::server(reason::SERVER_BUSY, "state pipeline closed")),
             };
             self.run_action(p.action, reply);
         }
