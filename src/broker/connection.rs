@@ -350,6 +350,36 @@ struct Cold {
     may_receive: LastDecision,
 }
 
+/// The permission checks whose last answer a connection remembers.
+#[derive(Clone, Copy)]
+enum Access {
+    Publish,
+    Receive,
+}
+
+/// Asks `ask` (given the connection's user name) whether the connection may
+/// publish to / receive `topic`, through the connection's remembered answer
+/// when the authenticator allows reuse (`epoch` is its `decision_epoch`).
+/// Without reuse no cold part is allocated.
+fn may(
+    cold: &mut Option<Box<Cold>>,
+    epoch: Option<u64>,
+    access: Access,
+    topic: &str,
+    ask: impl FnOnce(Option<&str>) -> bool,
+) -> bool {
+    if epoch.is_none() {
+        return ask(cold.as_ref().and_then(|c| c.username.as_deref()));
+    }
+    let cold = cold.get_or_insert_with(Default::default);
+    let username = cold.username.as_deref();
+    let last = match access {
+        Access::Publish => &mut cold.may_publish,
+        Access::Receive => &mut cold.may_receive,
+    };
+    last.check(epoch, topic, || ask(username))
+}
+
 static NO_IDS: BTreeSet<u16> = BTreeSet::new();
 static NO_SENT: BTreeMap<u16, Sent> = BTreeMap::new();
 
@@ -911,16 +941,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         }
         Metrics::inc(&self.inner.metrics.publish_received);
         let auth = &self.inner.auth;
-        let allowed = match (auth.decision_epoch(), &mut self.cold) {
-            (None, cold) => {
-                auth.can_publish(&self.client_id, cold.as_ref().and_then(|c| c.username.as_deref()), &topic)
-            }
-            (epoch, cold) => {
-                let cold = cold.get_or_insert_with(Default::default);
-                let username = cold.username.as_deref();
-                cold.may_publish.check(epoch, &topic, || auth.can_publish(&self.client_id, username, &topic))
-            }
-        };
+        let allowed = may(&mut self.cold, auth.decision_epoch(), Access::Publish, &topic, |user| {
+            auth.can_publish(&self.client_id, user, &topic)
+        });
         if !allowed {
             let ack = match p.qos {
                 QoS::AtMostOnce => return Ok(()),
@@ -1647,19 +1670,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             budget -= 1;
             let m = &e.delivery.message;
             let auth = &inner.auth;
-            let allowed = match (auth.decision_epoch(), &mut self.cold) {
-                (None, cold) => auth.can_receive(
-                    &self.client_id,
-                    cold.as_ref().and_then(|c| c.username.as_deref()),
-                    &m.topic,
-                ),
-                (epoch, cold) => {
-                    let cold = cold.get_or_insert_with(Default::default);
-                    let username = cold.username.as_deref();
-                    cold.may_receive
-                        .check(epoch, &m.topic, || auth.can_receive(&self.client_id, username, &m.topic))
-                }
-            };
+            let allowed = may(&mut self.cold, auth.decision_epoch(), Access::Receive, &m.topic, |user| {
+                auth.can_receive(&self.client_id, user, &m.topic)
+            });
             if !allowed {
                 // publishClientReceive denies it now: dropped as if acknowledged.
                 self.drop_state_delivery(pid, e.delivery.qos, msg_key);
