@@ -64,7 +64,6 @@ struct Io<S> {
     stream: S,
     rbuf: BytesMut,
     wbuf: BytesMut,
-    version: ProtocolVersion,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
@@ -107,8 +106,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
         poll_fn(|cx| self.poll_write_out(cx, metrics)).await
     }
 
-    fn send(&mut self, p: &Packet, metrics: &Metrics) {
-        if protocol::encode(p, self.version, &mut self.wbuf).is_ok() {
+    fn send(&mut self, p: &Packet, version: ProtocolVersion, metrics: &Metrics) {
+        if protocol::encode(p, version, &mut self.wbuf).is_ok() {
             Metrics::inc(&metrics.messages_sent);
         }
     }
@@ -148,7 +147,7 @@ where
 {
     Metrics::inc(&inner.metrics.connections_open);
     Metrics::inc(&inner.metrics.connections_total);
-    let io = Io { stream, rbuf: BytesMut::new(), wbuf: BytesMut::new(), version: ProtocolVersion::V311 };
+    let io = Io { stream, rbuf: BytesMut::new(), wbuf: BytesMut::new() };
     // The CONNECT phase is boxed: its future is freed once the client is accepted.
     let connect = Box::pin(connect_phase(inner, io, peer));
     async move {
@@ -191,14 +190,13 @@ async fn read_connect<S: AsyncRead + AsyncWrite + Unpin>(inner: &Inner, io: &mut
                 let code = e.reason_code();
                 tracing::debug!(error = %e, "bad CONNECT");
                 if let Some(v) = e.connack_version() {
-                    io.version = v;
                     // 3.1.1 answers only an unacceptable protocol level / identifier;
                     // other broken CONNECTs are just closed.
                     if v.is_v5()
                         || code == reason::UNSUPPORTED_PROTOCOL_VERSION
                         || code == reason::CLIENT_IDENTIFIER_NOT_VALID
                     {
-                        Box::pin(refuse(inner, io, code)).await;
+                        Box::pin(refuse(inner, io, v, code)).await;
                     }
                 }
                 return None;
@@ -307,8 +305,8 @@ struct Conn<S> {
     io: Io<S>,
     version: ProtocolVersion,
     conn_id: u64,
+    /// The session's handle; its `client_id` is the connection's.
     mailbox: Arc<Mailbox>,
-    client_id: Arc<str>,
     /// The session lives in State (persistent, or resumed from State).
     managed: bool,
     /// Session Expiry Interval in force (seconds).
@@ -318,20 +316,40 @@ struct Conn<S> {
     topic_alias_max: u16,
     /// Incoming QoS > 0 PUBLISH not yet fully acknowledged (Receive Maximum).
     in_unacked: u16,
-    pending: VecDeque<Pending>,
-    /// Entries of `pending` in stage `Unsent`.
-    unsent: u32,
-    /// Fast-path deliveries taken from the mailbox, waiting for window room.
-    held: VecDeque<Delivery>,
-    out_inflight: BTreeMap<u16, OutFlight>,
     next_pid: u16,
     /// The first scan after resuming a session sends with DUP.
     resume_dup: bool,
     /// State in-flight entries were held back by the client's Receive Maximum.
     state_deferred: bool,
-    acks: Vec<pb::AckEntry>,
+    /// The message flow's queues, allocated on first traffic and given back
+    /// when a PINGREQ finds them empty: an idle connection keeps none.
+    flow: Option<Box<Flow>>,
     /// Rarely used state, allocated on first use (idle connections stay small).
     cold: Option<Box<Cold>>,
+}
+
+/// The queues of a connection's message flow.
+#[derive(Default)]
+struct Flow {
+    /// Proposals and actions in per-client order (see `Pending`).
+    pending: VecDeque<Pending>,
+    /// Entries of `pending` in stage `Unsent`.
+    unsent: u32,
+    /// Fast-path deliveries taken from the mailbox, waiting for window room.
+    held: VecDeque<Delivery>,
+    /// Fast-path QoS 1/2 publishes sent and not yet acknowledged, by packet id.
+    out_inflight: BTreeMap<u16, OutFlight>,
+    /// Subscriber acks of State in-flight entries, for the batching task.
+    acks: Vec<pb::AckEntry>,
+}
+
+impl Flow {
+    fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+            && self.held.is_empty()
+            && self.out_inflight.is_empty()
+            && self.acks.is_empty()
+    }
 }
 
 #[derive(Default)]
@@ -384,9 +402,15 @@ static NO_IDS: BTreeSet<u16> = BTreeSet::new();
 static NO_SENT: BTreeMap<u16, Sent> = BTreeMap::new();
 
 /// The CONNACK answer to a refused CONNECT.
-async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(inner: &Inner, io: &mut Io<S>, code: u8) {
+async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
+    inner: &Inner,
+    io: &mut Io<S>,
+    version: ProtocolVersion,
+    code: u8,
+) {
     io.send(
         &Packet::ConnAck(ConnAck { session_present: false, reason_code: code, ..Default::default() }),
+        version,
         &inner.metrics,
     );
     let _ = tokio::time::timeout(Duration::from_secs(1), io.write_out(&inner.metrics)).await;
@@ -394,13 +418,17 @@ async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(inner: &Inner, io: &mut Io<S>
 
 /// CONNACK 0x9C "use another server" with the leader as Server Reference
 /// when known (MQTT 5); 3.1.1 gets return code 3 "server unavailable".
-async fn refuse_not_serving<S: AsyncRead + AsyncWrite + Unpin>(inner: &Inner, io: &mut Io<S>) {
+async fn refuse_not_serving<S: AsyncRead + AsyncWrite + Unpin>(
+    inner: &Inner,
+    io: &mut Io<S>,
+    version: ProtocolVersion,
+) {
     let mut properties = ConnAckProperties::default();
-    if io.version.is_v5() {
+    if version.is_v5() {
         properties.server_reference = inner.serving.server_reference();
     }
     let ack = ConnAck { session_present: false, reason_code: reason::USE_ANOTHER_SERVER, properties };
-    io.send(&Packet::ConnAck(ack), &inner.metrics);
+    io.send(&Packet::ConnAck(ack), version, &inner.metrics);
     let _ = tokio::time::timeout(Duration::from_secs(1), io.write_out(&inner.metrics)).await;
 }
 
@@ -417,10 +445,9 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let version = c.protocol.0;
-    io.version = version;
     if !inner.serving.is_on() {
         // Not the serving leader (serving.rs): point the client elsewhere.
-        Box::pin(refuse_not_serving(&inner, &mut io)).await;
+        Box::pin(refuse_not_serving(&inner, &mut io, version)).await;
         return None;
     }
     if io.rbuf.is_empty() {
@@ -430,13 +457,13 @@ where
     let cfg = &inner.config;
     let v5 = version.is_v5();
     if v5 && c.properties.authentication_method.is_some() {
-        Box::pin(refuse(&inner, &mut io, reason::BAD_AUTHENTICATION_METHOD)).await;
+        Box::pin(refuse(&inner, &mut io, version, reason::BAD_AUTHENTICATION_METHOD)).await;
         return None;
     }
     let mut assigned = None;
     let client_id: String = if c.client_id.is_empty() {
         if !v5 && !c.clean_start {
-            Box::pin(refuse(&inner, &mut io, reason::CLIENT_IDENTIFIER_NOT_VALID)).await;
+            Box::pin(refuse(&inner, &mut io, version, reason::CLIENT_IDENTIFIER_NOT_VALID)).await;
             return None;
         }
         let id = random_client_id();
@@ -454,18 +481,18 @@ where
         peer,
     });
     if decision != AuthDecision::Allow {
-        Box::pin(refuse(&inner, &mut io, decision.reason_code())).await;
+        Box::pin(refuse(&inner, &mut io, version, decision.reason_code())).await;
         return None;
     }
     // `peer` is the client's address (from the PROXY header behind a load balancer).
     tracing::debug!(client_id = %client_id, %peer, "client authenticated");
     if inner.shutting_down.load(Ordering::Relaxed) {
-        Box::pin(refuse(&inner, &mut io, reason::SERVER_UNAVAILABLE)).await;
+        Box::pin(refuse(&inner, &mut io, version, reason::SERVER_UNAVAILABLE)).await;
         return None;
     }
     if Metrics::get(&inner.metrics.clients_connected) >= cfg.max_connections as u64 {
         Metrics::inc(&inner.metrics.connections_refused);
-        Box::pin(refuse(&inner, &mut io, reason::QUOTA_EXCEEDED)).await;
+        Box::pin(refuse(&inner, &mut io, version, reason::QUOTA_EXCEEDED)).await;
         return None;
     }
 
@@ -482,25 +509,22 @@ where
 
     // Attach to the client id's mailbox, taking the session over if needed.
     let conn_id = inner.next_conn.fetch_add(1, Ordering::Relaxed);
-    let client_key: Arc<str> = client_id.as_str().into();
     let mailbox = loop {
         let wait = {
+            // Attach under the registry lock: a finishing connection removes
+            // a mailbox only while nothing is attached to it.
             let mut reg = inner.registry.lock();
-            let mb = reg
-                .entry(client_key.clone())
-                .or_insert_with(|| Arc::new(Mailbox::new(client_key.clone())))
-                .clone();
+            let (mb, _) = reg.get_or_create(&client_id);
             match mb.attach(conn_id) {
                 Ok(()) => break mb,
                 Err(rx) => rx,
             }
         };
         if Box::pin(tokio::time::timeout(TAKEOVER_TIMEOUT, wait)).await.is_err() {
-            Box::pin(refuse(&inner, &mut io, reason::SERVER_BUSY)).await;
+            Box::pin(refuse(&inner, &mut io, version, reason::SERVER_BUSY)).await;
             return None;
         }
     };
-    let client_key = mailbox.client_id.clone();
     mailbox.set_username(c.username.as_deref().map(Box::from));
 
     let state_has = inner.state.read().session(&client_id).is_some();
@@ -529,7 +553,7 @@ where
             Err(e) => {
                 tracing::warn!(client_id, error = %e, "session open failed");
                 detach_and_forget(&inner, &mailbox, conn_id, true);
-                Box::pin(refuse(&inner, &mut io, reason::UNSPECIFIED_ERROR)).await;
+                Box::pin(refuse(&inner, &mut io, version, reason::UNSPECIFIED_ERROR)).await;
                 return None;
             }
         }
@@ -559,8 +583,8 @@ where
         keep_alive = cfg.max_keep_alive;
         server_keep_alive = Some(keep_alive);
     }
-    mailbox.last_rx_ms.store(inner.now_coarse(), Ordering::Relaxed);
-    mailbox.keepalive_limit_ms.store(u64::from(keep_alive) * 1500, Ordering::Relaxed);
+    mailbox.touch(inner.now_coarse());
+    mailbox.set_keepalive(keep_alive);
 
     let mut props = ConnAckProperties::default();
     if v5 {
@@ -586,6 +610,7 @@ where
     }
     io.send(
         &Packet::ConnAck(ConnAck { session_present, reason_code: reason::SUCCESS, properties: props }),
+        version,
         &inner.metrics,
     );
     inner.metrics.client_connected();
@@ -594,21 +619,16 @@ where
         version,
         conn_id,
         mailbox,
-        client_id: client_key,
         managed,
         session_expiry,
         client_receive_max: c.properties.receive_maximum.unwrap_or(u16::MAX).max(1),
         client_max_packet: c.properties.maximum_packet_size.unwrap_or(u32::MAX),
         topic_alias_max: cfg.topic_alias_maximum,
         in_unacked: 0,
-        pending: VecDeque::new(),
-        unsent: 0,
-        held: VecDeque::new(),
-        out_inflight: BTreeMap::new(),
         next_pid: 1,
         resume_dup: session_present,
         state_deferred: false,
-        acks: Vec::new(),
+        flow: None,
         cold: None,
         io,
         inner,
@@ -622,7 +642,7 @@ where
     // Queued QoS 0 messages, then the State window (resent with DUP on resume).
     for d in qos0 {
         let msg = Arc::new(message_from_pb(&d.message, 0));
-        conn.held.push_back(Delivery {
+        conn.flow().held.push_back(Delivery {
             msg,
             qos: QoS::AtMostOnce,
             retain: d.retain,
@@ -630,7 +650,7 @@ where
         });
     }
     if managed {
-        let ids: Vec<u16> = match conn.inner.state.read().session(&conn.client_id) {
+        let ids: Vec<u16> = match conn.inner.state.read().session(&conn.mailbox.client_id) {
             Some(s) => s.incoming_qos2().collect(),
             None => Vec::new(),
         };
@@ -648,8 +668,8 @@ fn detach_and_forget(inner: &Inner, mb: &Arc<Mailbox>, conn_id: u64, forget: boo
     let waiting = mb.detach(conn_id);
     if forget && !waiting && !mb.is_managed() {
         let mut reg = inner.registry.lock();
-        if reg.get(&mb.client_id).is_some_and(|m| Arc::ptr_eq(m, mb)) && mb.attached() == 0 {
-            reg.remove(&mb.client_id);
+        if mb.attached() == 0 {
+            reg.remove_if_same(mb);
         }
     }
 }
@@ -705,6 +725,15 @@ impl<S> Conn<S> {
         self.cold.get_or_insert_with(Default::default)
     }
 
+    fn flow(&mut self) -> &mut Flow {
+        self.flow.get_or_insert_with(Default::default)
+    }
+
+    /// Entries of the flow's `pending` in stage `Unsent`.
+    fn unsent(&self) -> u32 {
+        self.flow.as_ref().map_or(0, |f| f.unsent)
+    }
+
     fn username(&self) -> Option<&str> {
         self.cold.as_ref().and_then(|c| c.username.as_deref())
     }
@@ -740,7 +769,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
                 // publisher does not overrun their bounded outboxes.
                 tokio::task::yield_now().await;
             }
-            if self.unsent > 0 {
+            if self.unsent() > 0 {
                 if let Err(c) = Box::pin(self.submit_unsent()).await {
                     return c;
                 }
@@ -754,10 +783,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
     /// Hands the subscriber acks to the batching task; when its queue is
     /// full, the wait for room (boxed: the task's future stays small).
     fn send_acks(&mut self) -> Option<Pin<Box<impl Future<Output = ()> + Send + 'static>>> {
-        if self.acks.is_empty() {
+        let flow = self.flow.as_mut()?;
+        if flow.acks.is_empty() {
             return None;
         }
-        let acks = AckMsg::Entries(std::mem::take(&mut self.acks));
+        let acks = AckMsg::Entries(std::mem::take(&mut flow.acks));
         match self.inner.acks.try_send(acks) {
             Err(mpsc::error::TrySendError::Full(m)) => {
                 let tx = self.inner.acks.clone();
@@ -771,7 +801,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
 
     /// Proposes the commands that found the pipeline full, in order.
     async fn submit_unsent(&mut self) -> Step {
-        for p in self.pending.iter_mut() {
+        let Some(flow) = self.flow.as_mut() else { return Ok(()) };
+        for p in flow.pending.iter_mut() {
             if let Stage::Unsent(_) = &p.stage {
                 let Stage::Unsent(cmd) = std::mem::replace(&mut p.stage, Stage::Done(None)) else { continue };
                 match self.inner.pipeline.submit(*cmd).await {
@@ -780,20 +811,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
                 }
             }
         }
-        self.unsent = 0;
+        flow.unsent = 0;
         Ok(())
     }
 
     /// Proposes `cmd`; `action` runs once it is applied, in FIFO order.
     fn propose(&mut self, cmd: pb::Command, action: Action) -> Step {
-        let stage = if self.unsent > 0 {
-            self.unsent += 1;
+        let flow = self.flow.get_or_insert_with(Default::default);
+        let stage = if flow.unsent > 0 {
+            flow.unsent += 1;
             Stage::Unsent(Box::new(cmd))
         } else {
             match self.inner.pipeline.try_submit(cmd) {
                 Ok(rx) => Stage::Waiting(rx),
                 Err(TrySubmitError::Full(cmd)) => {
-                    self.unsent += 1;
+                    flow.unsent += 1;
                     Stage::Unsent(cmd)
                 }
                 Err(TrySubmitError::Closed) => {
@@ -801,7 +833,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
                 }
             }
         };
-        self.pending.push_back(Pending { stage, action });
+        flow.pending.push_back(Pending { stage, action });
         Ok(())
     }
 
@@ -812,7 +844,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             }
         }
         let write_ok = self.io.wbuf.len() < WRITE_HIGH;
-        if let Some(p) = self.pending.front_mut() {
+        if let Some(p) = self.flow.as_mut().and_then(|f| f.pending.front_mut()) {
             match &mut p.stage {
                 Stage::Done(_) => return Poll::Ready(Ev::Applied),
                 Stage::Waiting(rx) => {
@@ -824,11 +856,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
                 Stage::Unsent(_) => {}
             }
         }
-        let want_items = write_ok && self.held.is_empty();
+        let want_items = write_ok && self.flow.as_ref().is_none_or(|f| f.held.is_empty());
         if let Poll::Ready(f) = self.mailbox.poll_ready(cx, want_items) {
             return Poll::Ready(Ev::Mailbox(f));
         }
-        if write_ok && self.unsent == 0 {
+        if write_ok && self.unsent() == 0 {
             match self.io.poll_fill(cx) {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Ev::Closed(Close::Lost)),
                 Poll::Ready(Ok(n)) => {
@@ -842,11 +874,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
     }
 
     fn send(&mut self, p: &Packet) {
-        self.io.send(p, &self.inner.metrics);
+        self.io.send(p, self.version, &self.inner.metrics);
     }
 
     fn on_read(&mut self) -> Step {
-        self.mailbox.last_rx_ms.store(self.inner.now_coarse(), Ordering::Relaxed);
+        self.mailbox.touch(self.inner.now_coarse());
         let max = self.inner.config.max_packet_size as usize;
         loop {
             match protocol::decode(&mut self.io.rbuf, Some(self.version), max) {
@@ -856,7 +888,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    tracing::debug!(client_id = %self.client_id, error = %e, "bad packet");
+                    tracing::debug!(client_id = %self.mailbox.client_id, error = %e, "bad packet");
                     return Err(Close::server(e.reason_code(), "malformed or invalid packet"));
                 }
             }
@@ -888,6 +920,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             Packet::Unsubscribe(u) => self.on_unsubscribe(u),
             Packet::PingReq => {
                 self.send(&Packet::PingResp);
+                // The client has been quiet for a while: give the flow's
+                // queues back if nothing is in them.
+                if self.flow.as_ref().is_some_and(|f| f.is_empty() && f.unsent == 0) {
+                    self.flow = None;
+                }
                 Ok(())
             }
             Packet::Disconnect(d) => {
@@ -942,7 +979,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         Metrics::inc(&self.inner.metrics.publish_received);
         let auth = &self.inner.auth;
         let allowed = may(&mut self.cold, auth.decision_epoch(), Access::Publish, &topic, |user| {
-            auth.can_publish(&self.client_id, user, &topic)
+            auth.can_publish(&self.mailbox.client_id, user, &topic)
         });
         if !allowed {
             let ack = match p.qos {
@@ -990,7 +1027,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             return self.on_control(&msg, ack);
         }
         if to_state {
-            let cmd = publish_command(&msg, &self.client_id, route.shared_targets, qos2_state.then_some(pid));
+            let cmd = publish_command(
+                &msg,
+                &self.mailbox.client_id,
+                route.shared_targets,
+                qos2_state.then_some(pid),
+            );
             self.propose(cmd, Action::Publish { msg, targets: route.targets, ack })?;
         } else {
             self.queue_action(Action::Publish { msg, targets: route.targets, ack });
@@ -1029,7 +1071,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
                 };
                 let _ = tx.send(reply);
             });
-            self.pending.push_back(Pending {
+            self.flow().pending.push_back(Pending {
                 stage: Stage::Waiting(rx),
                 action: Action::Control { ack, response: None },
             });
@@ -1063,15 +1105,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
 
     /// Runs `action` now, or after the pending proposals (per-client order).
     fn queue_action(&mut self, action: Action) {
-        if self.pending.is_empty() {
-            self.run_action(action, None);
-        } else {
-            self.pending.push_back(Pending { stage: Stage::Done(None), action });
+        match self.flow.as_mut() {
+            Some(flow) if !flow.pending.is_empty() => {
+                flow.pending.push_back(Pending { stage: Stage::Done(None), action })
+            }
+            _ => self.run_action(action, None),
         }
     }
 
     fn on_applied(&mut self) -> Step {
-        while let Some(front) = self.pending.front_mut() {
+        while let Some(front) = self.flow.as_mut().and_then(|f| f.pending.front_mut()) {
             let result = match &mut front.stage {
                 Stage::Unsent(_) => break,
                 Stage::Waiting(rx) => match rx.try_recv() {
@@ -1083,7 +1126,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
                 },
                 Stage::Done(r) => r.take(),
             };
-            let Some(p) = self.pending.pop_front() else { break };
+            let Some(p) = self.flow.as_mut().and_then(|f| f.pending.pop_front()) else { break };
             let reply = match result {
                 None => None,
                 Some(Ok(r)) => Some(r),
@@ -1119,7 +1162,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
     fn run_action(&mut self, action: Action, reply: Option<Reply>) {
         let failed = matches!(reply, Some(Err(_)));
         if let Some(Err(e)) = &reply {
-            tracing::warn!(client_id = %self.client_id, error = %e, "state command failed");
+            tracing::warn!(client_id = %self.mailbox.client_id, error = %e, "state command failed");
         }
         match action {
             Action::Publish { msg, targets, ack } => {
@@ -1153,7 +1196,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
                 // Retained copies State delivered (QoS 0 here, QoS 1/2 in its window).
                 for d in qos0 {
                     let msg = Arc::new(message_from_pb(&d.message, 0));
-                    self.held.push_back(Delivery {
+                    self.flow().held.push_back(Delivery {
                         msg,
                         qos: QoS::AtMostOnce,
                         retain: d.retain,
@@ -1173,8 +1216,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
 
     fn on_puback(&mut self, r: PubResp) {
         let pid = r.packet_id;
-        if matches!(self.out_inflight.get(&pid), Some(f) if f.qos == QoS::AtLeastOnce) {
-            self.out_inflight.remove(&pid);
+        if matches!(self.out_flight(pid), Some(f) if f.qos == QoS::AtLeastOnce) {
+            self.flow().out_inflight.remove(&pid);
         } else if let Some(Sent::Publish { msg }) = self.state_sent().get(&pid).copied() {
             self.cold().state_sent.insert(pid, Sent::Done { msg });
             self.ack(pid, pb::AckKind::Puback);
@@ -1188,10 +1231,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
     fn on_pubrec(&mut self, r: PubResp) -> Step {
         let pid = r.packet_id;
         let refused = r.reason_code >= 0x80;
-        if let Some(f) = self.out_inflight.get_mut(&pid) {
+        if let Some(f) = self.flow.as_mut().and_then(|f| f.out_inflight.get_mut(&pid)) {
             if f.qos == QoS::ExactlyOnce {
                 if refused {
-                    self.out_inflight.remove(&pid);
+                    self.flow().out_inflight.remove(&pid);
                 } else {
                     f.released = true;
                     self.send(&Packet::PubRel(PubResp::new(pid)));
@@ -1211,7 +1254,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
                     // PUBLISH and the client would take it as a new message.
                     self.cold().state_sent.insert(pid, Sent::Released { msg });
                     let entry = pb::AckEntry {
-                        client_id: self.client_id.to_string(),
+                        client_id: self.mailbox.client_id.to_string(),
                         packet_id: u32::from(pid),
                         kind: pb::AckKind::Pubrec as i32,
                     };
@@ -1238,8 +1281,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
 
     fn on_pubcomp(&mut self, r: PubResp) {
         let pid = r.packet_id;
-        if matches!(self.out_inflight.get(&pid), Some(f) if f.released) {
-            self.out_inflight.remove(&pid);
+        if matches!(self.out_flight(pid), Some(f) if f.released) {
+            self.flow().out_inflight.remove(&pid);
         } else if let Some(Sent::Released { msg }) = self.state_sent().get(&pid).copied() {
             self.cold().state_sent.insert(pid, Sent::Done { msg });
             self.ack(pid, pb::AckKind::Pubcomp);
@@ -1264,7 +1307,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         if self.managed {
             let cmd = pb::Command {
                 cmd: Some(pb::command::Cmd::Release(pb::Release {
-                    client_id: self.client_id.to_string(),
+                    client_id: self.mailbox.client_id.to_string(),
                     packet_id: u32::from(pid),
                 })),
             };
@@ -1276,19 +1319,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
     }
 
     fn ack(&mut self, pid: u16, kind: pb::AckKind) {
-        self.acks.push(pb::AckEntry {
-            client_id: self.client_id.to_string(),
+        let entry = pb::AckEntry {
+            client_id: self.mailbox.client_id.to_string(),
             packet_id: u32::from(pid),
             kind: kind as i32,
-        });
+        };
+        self.flow().acks.push(entry);
     }
 
     /// Hands the subscriber acks to the batching task (not waiting for State).
     async fn flush_acks(&mut self) {
-        if self.acks.is_empty() {
+        let Some(flow) = self.flow.as_mut() else { return };
+        if flow.acks.is_empty() {
             return;
         }
-        let acks = std::mem::take(&mut self.acks);
+        let acks = std::mem::take(&mut flow.acks);
         let _ = self.inner.acks.send(AckMsg::Entries(acks)).await;
     }
 
@@ -1308,12 +1353,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             if shared && opts.no_local {
                 return Err(Close::server(reason::PROTOCOL_ERROR, "no local on a shared subscription"));
             }
-            if !self.inner.auth.can_subscribe(&self.client_id, self.username(), &filter) {
+            if !self.inner.auth.can_subscribe(&self.mailbox.client_id, self.username(), &filter) {
                 codes.push(if v5 { reason::NOT_AUTHORIZED } else { 0x80 });
                 continue;
             }
             let value = SubValue { opts, sub_id: s.subscription_identifier, mailbox: self.mailbox.clone() };
-            let existed = self.inner.router.write().subscribe(&self.client_id, &filter, value);
+            let existed = self.inner.router.write().subscribe(&self.mailbox.client_id, &filter, value);
             if !existed {
                 Metrics::inc(&self.inner.metrics.subscriptions);
             }
@@ -1352,7 +1397,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         }
         let cmd = pb::Command {
             cmd: Some(pb::command::Cmd::Subscribe(pb::Subscribe {
-                client_id: self.client_id.to_string(),
+                client_id: self.mailbox.client_id.to_string(),
                 subscriptions: state_subs,
                 queue_retained: true,
             })),
@@ -1384,7 +1429,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             };
             for m in msgs {
                 let qos = m.qos.min(r.opts.qos);
-                self.held.push_back(Delivery {
+                self.flow().held.push_back(Delivery {
                     msg: Arc::new(m),
                     qos,
                     retain: true,
@@ -1394,7 +1439,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             if r.filter.starts_with('$') {
                 let sys = self.inner.sys_retained.lock().clone();
                 for m in sys.into_iter().filter(|m| topic::matches(&r.filter, &m.topic)) {
-                    self.held.push_back(Delivery {
+                    self.flow().held.push_back(Delivery {
                         msg: m,
                         qos: QoS::AtMostOnce,
                         retain: true,
@@ -1410,13 +1455,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         let mut codes = Vec::with_capacity(u.filters.len());
         let mut allowed_filters = Vec::with_capacity(u.filters.len());
         for f in &u.filters {
-            if !self.inner.auth.can_unsubscribe(&self.client_id, self.username(), f) {
+            if !self.inner.auth.can_unsubscribe(&self.mailbox.client_id, self.username(), f) {
                 // Denied: the subscription stays (MQTT 5 0x87).
                 codes.push(reason::NOT_AUTHORIZED);
                 continue;
             }
             allowed_filters.push(f.clone());
-            let existed = self.inner.router.write().unsubscribe(&self.client_id, f);
+            let existed = self.inner.router.write().unsubscribe(&self.mailbox.client_id, f);
             if existed {
                 Metrics::dec(&self.inner.metrics.subscriptions);
             }
@@ -1430,7 +1475,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         }
         let cmd = pb::Command {
             cmd: Some(pb::command::Cmd::Unsubscribe(pb::Unsubscribe {
-                client_id: self.client_id.to_string(),
+                client_id: self.mailbox.client_id.to_string(),
                 filters: allowed_filters,
             })),
         };
@@ -1456,12 +1501,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         if flags & flag::TAKEOVER != 0 {
             return Err(Close::server(reason::SESSION_TAKEN_OVER, "session taken over"));
         }
-        if flags & flag::KEEPALIVE != 0 {
-            let limit = self.mailbox.keepalive_limit_ms.load(Ordering::Relaxed);
-            let last = self.mailbox.last_rx_ms.load(Ordering::Relaxed);
-            if limit > 0 && self.inner.now_coarse().saturating_sub(last) > limit {
-                return Err(Close::server(reason::KEEP_ALIVE_TIMEOUT, "keep alive timeout"));
-            }
+        if flags & flag::KEEPALIVE != 0 && self.mailbox.keepalive_expired(self.inner.now_coarse()) {
+            return Err(Close::server(reason::KEEP_ALIVE_TIMEOUT, "keep alive timeout"));
         }
         if flags & flag::STATE != 0 {
             self.scan_state();
@@ -1473,26 +1514,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
     /// A kicked persistent session keeps only the subscriptions its new
     /// rights still allow (Mosquitto re-checks them; CVE-2021-34434).
     fn drop_denied_subscriptions(&mut self) -> Step {
-        let filters: Vec<String> = match self.inner.state.read().session(&self.client_id) {
+        let filters: Vec<String> = match self.inner.state.read().session(&self.mailbox.client_id) {
             Some(s) => s.subscriptions.keys().cloned().collect(),
             None => return Ok(()),
         };
         let denied: Vec<String> = filters
             .into_iter()
-            .filter(|f| !self.inner.auth.can_subscribe(&self.client_id, self.username(), f))
+            .filter(|f| !self.inner.auth.can_subscribe(&self.mailbox.client_id, self.username(), f))
             .collect();
         if denied.is_empty() {
             return Ok(());
         }
         for f in &denied {
-            if self.inner.router.write().unsubscribe(&self.client_id, f) {
+            if self.inner.router.write().unsubscribe(&self.mailbox.client_id, f) {
                 Metrics::dec(&self.inner.metrics.subscriptions);
             }
             self.mailbox.remove_filter(f);
         }
         let cmd = pb::Command {
             cmd: Some(pb::command::Cmd::Unsubscribe(pb::Unsubscribe {
-                client_id: self.client_id.to_string(),
+                client_id: self.mailbox.client_id.to_string(),
                 filters: denied,
             })),
         };
@@ -1503,29 +1544,38 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         usize::from(self.client_receive_max.min(self.inner.config.max_inflight.max(1)))
     }
 
+    /// The fast-path publish sent with packet id `pid`, not yet acknowledged.
+    fn out_flight(&self, pid: u16) -> Option<&OutFlight> {
+        self.flow.as_ref()?.out_inflight.get(&pid)
+    }
+
     fn inflight_count(&self) -> usize {
-        self.out_inflight.len()
+        self.flow.as_ref().map_or(0, |f| f.out_inflight.len())
             + self.state_sent().values().filter(|s| !matches!(s, Sent::Done { .. })).count()
     }
 
     /// Sends fast-path deliveries while the window and the socket allow.
     fn pump_out(&mut self) {
         loop {
-            if self.held.is_empty() {
-                self.mailbox.drain(&mut self.held, DRAIN);
-                if self.held.is_empty() {
+            if self.flow.as_ref().is_none_or(|f| f.held.is_empty()) {
+                // The flow's queues are allocated only when there is something to hold.
+                self.mailbox.drain(|| &mut self.flow.get_or_insert_with(Default::default).held, DRAIN);
+                if self.flow.as_ref().is_none_or(|f| f.held.is_empty()) {
                     return;
                 }
             }
-            let mut room = self.window().saturating_sub(self.out_inflight.len());
-            while let Some(d) = self.held.front() {
+            let window = self.window();
+            let mut room = window.saturating_sub(self.flow().out_inflight.len());
+            loop {
+                let flow = self.flow();
+                let Some(d) = flow.held.front() else { break };
                 if d.qos != QoS::AtMostOnce {
                     if room == 0 {
                         return;
                     }
                     room -= 1;
                 }
-                let Some(d) = self.held.pop_front() else { break };
+                let Some(d) = flow.held.pop_front() else { break };
                 self.send_delivery(d);
             }
             if self.io.wbuf.len() >= WRITE_HIGH {
@@ -1574,7 +1624,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         self.send(&pkt);
         Metrics::inc(&self.inner.metrics.publish_sent);
         if let Some(pid) = pid {
-            self.out_inflight.insert(pid, OutFlight { qos: d.qos, released: false });
+            self.flow().out_inflight.insert(pid, OutFlight { qos: d.qos, released: false });
         }
     }
 
@@ -1593,7 +1643,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
     fn alloc_pid(&mut self) -> Option<u16> {
         // Ids in use in State's window are off limits too (managed sessions).
         let state_ids: HashSet<u16> = if self.managed {
-            match self.inner.state.read().session(&self.client_id) {
+            match self.inner.state.read().session(&self.mailbox.client_id) {
                 Some(s) => s.inflight().map(|e| e.packet_id).collect(),
                 None => HashSet::new(),
             }
@@ -1603,7 +1653,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         for _ in 0..u16::MAX {
             let pid = self.next_pid;
             self.next_pid = if pid == u16::MAX { 1 } else { pid + 1 };
-            if !self.out_inflight.contains_key(&pid)
+            if self.out_flight(pid).is_none()
                 && !self.state_sent().contains_key(&pid)
                 && !state_ids.contains(&pid)
             {
@@ -1619,11 +1669,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
     fn drop_state_delivery(&mut self, pid: u16, qos: u8, msg_key: usize) {
         self.cold().state_sent.insert(pid, Sent::Done { msg: msg_key });
         let kind = if qos == 2 { pb::AckKind::Pubcomp } else { pb::AckKind::Puback };
-        self.acks.push(pb::AckEntry {
-            client_id: self.client_id.to_string(),
-            packet_id: u32::from(pid),
-            kind: kind as i32,
-        });
+        self.ack(pid, kind);
     }
 
     /// Sends State's in-flight messages of this session not yet sent on this
@@ -1631,7 +1677,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
     fn scan_state(&mut self) {
         let inner = self.inner.clone();
         let st = inner.state.read();
-        let Some(sess) = st.session(&self.client_id) else {
+        let Some(sess) = st.session(&self.mailbox.client_id) else {
             if let Some(c) = self.cold.as_mut() {
                 c.state_sent.clear();
             }
@@ -1651,13 +1697,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
                 Some(s) if s.msg() == msg_key => continue,
                 _ => {}
             }
-            if self.out_inflight.contains_key(&pid) {
+            if self.out_flight(pid).is_some() {
                 // A fast-path message still uses this id; send once it is acknowledged.
                 continue;
             }
             if e.awaiting_pubcomp {
                 budget = budget.saturating_sub(1);
-                self.io.send(&Packet::PubRel(PubResp::new(pid)), &inner.metrics);
+                self.io.send(&Packet::PubRel(PubResp::new(pid)), self.version, &inner.metrics);
                 self.cold().state_sent.insert(pid, Sent::Released { msg: msg_key });
                 continue;
             }
@@ -1671,7 +1717,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             let m = &e.delivery.message;
             let auth = &inner.auth;
             let allowed = may(&mut self.cold, auth.decision_epoch(), Access::Receive, &m.topic, |user| {
-                auth.can_receive(&self.client_id, user, &m.topic)
+                auth.can_receive(&self.mailbox.client_id, user, &m.topic)
             });
             if !allowed {
                 // publishClientReceive denies it now: dropped as if acknowledged.
@@ -1712,7 +1758,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
                 self.drop_state_delivery(pid, e.delivery.qos, msg_key);
                 continue;
             }
-            self.io.send(&pkt, &inner.metrics);
+            self.io.send(&pkt, self.version, &inner.metrics);
             Metrics::inc(&inner.metrics.publish_sent);
             self.cold().state_sent.insert(pid, Sent::Publish { msg: msg_key });
         }
@@ -1733,15 +1779,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         // what was pending without acknowledging it.
         let stepped_down = matches!(close, Close::Server { reason: reason::USE_ANOTHER_SERVER, .. });
         if stepped_down {
-            self.pending.clear();
-            self.unsent = 0;
-            self.acks.clear();
+            if let Some(flow) = self.flow.as_mut() {
+                flow.pending.clear();
+                flow.unsent = 0;
+                flow.acks.clear();
+            }
         }
         // The session is offline from now on: the router hands its messages to
         // State (queued for a persistent session) instead of this closing
         // connection, and SessionClose takes its place in the pipeline at once.
         self.mailbox.set_offline();
-        for p in self.pending.iter_mut() {
+        let pending = self.flow.as_mut().map(|f| &mut f.pending);
+        for p in pending.into_iter().flat_map(|p| p.iter_mut()) {
             if let Stage::Unsent(_) = &p.stage {
                 let Stage::Unsent(cmd) = std::mem::replace(&mut p.stage, Stage::Done(None)) else { continue };
                 if let Ok(rx) = self.inner.pipeline.submit(*cmd).await {
@@ -1751,7 +1800,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         }
         let session_close = if self.managed && !stepped_down {
             let close_cmd = pb::SessionClose {
-                client_id: self.client_id.to_string(),
+                client_id: self.mailbox.client_id.to_string(),
                 session_expiry_s: Some(self.session_expiry),
                 publish_will,
                 connection_id: self.conn_id,
@@ -1765,7 +1814,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         // Not on shutdown: Broker::shutdown waits for every connection to end.
         let linger = matches!(close, Close::Server { reason, .. } if reason != reason::SERVER_SHUTTING_DOWN);
         if let Close::Server { reason, text } = close {
-            tracing::debug!(client_id = %self.client_id, reason, text, "server closes connection");
+            tracing::debug!(client_id = %self.mailbox.client_id, reason, text, "server closes connection");
             if self.version.is_v5() && reason >= 0x80 {
                 let mut d = Disconnect::with_reason(reason, text);
                 if reason == reason::USE_ANOTHER_SERVER {
@@ -1784,7 +1833,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         .await;
 
         // Proposals still in flight are applied anyway; their fast-path copies still go out.
-        while let Some(p) = self.pending.pop_front() {
+        while let Some(p) = self.flow.as_mut().and_then(|f| f.pending.pop_front()) {
             let reply = match p.stage {
                 Stage::Unsent(_) => break,
                 Stage::Waiting(rx) => match rx.await {
@@ -1812,11 +1861,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
                 Some(rx) => match rx.await {
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => {
-                        tracing::warn!(client_id = %self.client_id, error = %e, "session close failed")
+                        tracing::warn!(client_id = %self.mailbox.client_id, error = %e, "session close failed")
                     }
-                    Err(_) => tracing::warn!(client_id = %self.client_id, "session close not applied"),
+                    Err(_) => {
+                        tracing::warn!(client_id = %self.mailbox.client_id, "session close not applied")
+                    }
                 },
-                None => tracing::warn!(client_id = %self.client_id, "session close not proposed"),
+                None => tracing::warn!(client_id = %self.mailbox.client_id, "session close not proposed"),
             }
         } else if publish_will && !stepped_down {
             if let Some(w) = self.cold.as_mut().and_then(|c| c.will.take()) {
@@ -1837,10 +1888,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             self.mailbox.set_managed(false);
             if !waiting {
                 let mut reg = self.inner.registry.lock();
-                if reg.get(&self.client_id).is_some_and(|m| Arc::ptr_eq(m, &self.mailbox))
-                    && self.mailbox.attached() == 0
-                {
-                    reg.remove(&self.client_id);
+                if self.mailbox.attached() == 0 {
+                    reg.remove_if_same(&self.mailbox);
                 }
             }
         }

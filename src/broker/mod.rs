@@ -40,7 +40,6 @@ mod sys;
 #[cfg(test)]
 mod tests;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -61,7 +60,7 @@ pub use pipeline::{Pipeline, PipelineError};
 pub use serving::EventRelay;
 
 use router::{Router, SubValue, Target};
-use session::{flag, Delivery, Mailbox, Message, Push};
+use session::{flag, Delivery, Mailbox, Message, Push, Registry};
 
 /// Where a broker sends dynamic-security control requests when its own
 /// State does not hold dynamic security: the local broker of dynsec-sync
@@ -162,7 +161,7 @@ pub(crate) struct Inner {
     pub metrics: Arc<Metrics>,
     pub router: RwLock<Router>,
     /// Client id -> session handle, online or (persistent) offline.
-    pub registry: Mutex<HashMap<Arc<str>, Arc<Mailbox>>>,
+    pub registry: Mutex<Registry>,
     pub state: Arc<RwLock<State>>,
     pub pipeline: Pipeline,
     pub acks: mpsc::Sender<AckMsg>,
@@ -274,7 +273,7 @@ impl Broker {
                 auth,
                 metrics,
                 router: RwLock::new(Router::default()),
-                registry: Mutex::new(HashMap::new()),
+                registry: Mutex::new(Registry::default()),
                 state,
                 pipeline,
                 acks: ack_tx,
@@ -450,7 +449,7 @@ impl Inner {
                         _ => None,
                     };
                     if let Some(mb) = ended {
-                        reg.remove(client_id.as_str());
+                        reg.remove_if_same(&mb);
                         drop(reg);
                         self.drop_subscriptions(&mb);
                         Metrics::dec(&self.metrics.sessions_persistent);
@@ -486,15 +485,8 @@ impl Inner {
             Some(ids) => ids.iter().filter_map(|id| st.session(id).map(|s| (id.as_str(), s))).collect(),
         };
         for (client_id, sess) in picked {
-            let key: Arc<str> = client_id.into();
-            let mut fresh = false;
-            let mb = reg
-                .entry(key.clone())
-                .or_insert_with(|| {
-                    fresh = true;
-                    Arc::new(Mailbox::new(key.clone()))
-                })
-                .clone();
+            let (mb, fresh) = reg.get_or_create(client_id);
+            let key = mb.client_id.clone();
             mb.set_managed(true);
             if fresh || only.is_none() {
                 Metrics::inc(&self.metrics.sessions_persistent);
@@ -643,16 +635,8 @@ async fn housekeeping(weak: Weak<Inner>) {
         n += 1;
         if n % 5 == 0 {
             // Keep alive: a client silent for 1.5 x its keep alive is closed.
-            let late: Vec<Arc<Mailbox>> = inner
-                .registry
-                .lock()
-                .values()
-                .filter(|m| {
-                    let limit = m.keepalive_limit_ms.load(Ordering::Relaxed);
-                    limit > 0 && now.saturating_sub(m.last_rx_ms.load(Ordering::Relaxed)) > limit
-                })
-                .cloned()
-                .collect();
+            let late: Vec<Arc<Mailbox>> =
+                inner.registry.lock().values().filter(|m| m.keepalive_expired(now)).cloned().collect();
             for m in late {
                 m.signal(flag::KEEPALIVE);
             }

@@ -7,8 +7,10 @@
 //! connections for a persistent one. It owns no protocol logic; the connection
 //! task (connection.rs) drains it.
 
-use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::borrow::Borrow;
+use std::collections::{HashSet, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
@@ -94,7 +96,6 @@ struct Inner {
     /// Connection currently attached; 0 = none (offline session).
     conn_id: u64,
     items: VecDeque<Delivery>,
-    flags: u8,
     waker: Option<Waker>,
     /// What the authorization hook needs about the attached connection;
     /// boxed because most connections never need it (idle ones stay small).
@@ -139,10 +140,15 @@ pub(crate) struct Mailbox {
     /// The session lives in State (persistent, or resumed from State).
     managed: AtomicBool,
     online: AtomicBool,
-    /// Coarse broker time (ms) of the last packet received, and the keep-alive
-    /// limit in ms (1.5 x keep alive; 0 = none). Read by the keep-alive sweeper.
-    pub last_rx_ms: AtomicU64,
-    pub keepalive_limit_ms: AtomicU64,
+    /// Coarse broker time (ms, modulo 2^32) of the last packet received, and
+    /// the keep-alive limit in ms (1.5 x keep alive, at most ~27 h; 0 = none).
+    /// Read by the keep-alive sweeper; 32 bits because idle connections are
+    /// counted in bytes (the wrapping difference is exact for gaps under 49 days).
+    last_rx_ms: AtomicU32,
+    keepalive_limit_ms: AtomicU32,
+    /// Control flags (`flag::*`) for the attached connection. Read and written
+    /// only under `inner`'s lock; kept outside it so `Inner` packs tighter.
+    flags: AtomicU8,
     inner: Mutex<Inner>,
 }
 
@@ -152,10 +158,28 @@ impl Mailbox {
             client_id,
             managed: AtomicBool::new(false),
             online: AtomicBool::new(false),
-            last_rx_ms: AtomicU64::new(0),
-            keepalive_limit_ms: AtomicU64::new(0),
+            last_rx_ms: AtomicU32::new(0),
+            keepalive_limit_ms: AtomicU32::new(0),
+            flags: AtomicU8::new(0),
             inner: Mutex::new(Inner::default()),
         }
+    }
+
+    /// A packet arrived from the client at coarse time `now_ms`.
+    pub fn touch(&self, now_ms: u64) {
+        self.last_rx_ms.store(now_ms as u32, Ordering::Relaxed);
+    }
+
+    /// Keep alive in seconds (0 = none): the client is late after 1.5 x that.
+    pub fn set_keepalive(&self, keep_alive_s: u16) {
+        self.keepalive_limit_ms.store(u32::from(keep_alive_s) * 1500, Ordering::Relaxed);
+    }
+
+    /// The client has been silent for longer than its keep-alive limit.
+    pub fn keepalive_expired(&self, now_ms: u64) -> bool {
+        let limit = self.keepalive_limit_ms.load(Ordering::Relaxed);
+        let last = self.last_rx_ms.load(Ordering::Relaxed);
+        limit > 0 && (now_ms as u32).wrapping_sub(last) > limit
     }
 
     /// Address used as the session identity (No Local).
@@ -229,7 +253,7 @@ impl Mailbox {
             if g.conn_id == 0 {
                 return;
             }
-            g.flags |= f;
+            self.flags.fetch_or(f, Ordering::Relaxed);
             g.waker.take()
         };
         if let Some(w) = waker {
@@ -242,10 +266,10 @@ impl Mailbox {
     /// registering the waker otherwise.
     pub fn poll_ready(&self, cx: &mut Context<'_>, want_items: bool) -> Poll<u8> {
         let mut g = self.inner.lock();
-        if g.flags != 0 || (want_items && !g.items.is_empty()) {
-            let f = g.flags;
-            g.flags = 0;
-            return Poll::Ready(f);
+        let flags = self.flags.load(Ordering::Relaxed);
+        if flags != 0 || (want_items && !g.items.is_empty()) {
+            self.flags.store(0, Ordering::Relaxed);
+            return Poll::Ready(flags);
         }
         match &g.waker {
             Some(w) if w.will_wake(cx.waker()) => {}
@@ -254,11 +278,15 @@ impl Mailbox {
         Poll::Pending
     }
 
-    /// Takes up to `max` queued deliveries (FIFO) into `out`.
-    pub fn drain(&self, out: &mut VecDeque<Delivery>, max: usize) {
+    /// Takes up to `max` queued deliveries (FIFO) into the queue `out` gives;
+    /// `out` is not called when there is nothing to take.
+    pub fn drain<'a>(&self, out: impl FnOnce() -> &'a mut VecDeque<Delivery>, max: usize) {
         let mut g = self.inner.lock();
         let n = g.items.len().min(max);
-        out.extend(g.items.drain(..n));
+        if n == 0 {
+            return;
+        }
+        out().extend(g.items.drain(..n));
         if g.items.is_empty() && g.items.capacity() > 64 {
             // An idle connection keeps no large buffer.
             g.items = VecDeque::new();
@@ -275,14 +303,14 @@ impl Mailbox {
             let mut g = self.inner.lock();
             if g.conn_id == 0 || g.conn_id == conn_id {
                 g.conn_id = conn_id;
-                g.flags = 0;
+                self.flags.store(0, Ordering::Relaxed);
                 g.items.clear();
                 self.online.store(true, Ordering::Relaxed);
                 return Ok(());
             }
             let (tx, r) = oneshot::channel();
             g.rare().closers.push(tx);
-            g.flags |= flag::TAKEOVER;
+            self.flags.fetch_or(flag::TAKEOVER, Ordering::Relaxed);
             waker = g.waker.take();
             rx = r;
         }
@@ -301,7 +329,7 @@ impl Mailbox {
         }
         g.conn_id = 0;
         g.items = VecDeque::new();
-        g.flags = 0;
+        self.flags.store(0, Ordering::Relaxed);
         g.waker = None;
         self.online.store(false, Ordering::Relaxed);
         let closers = g.rare.as_mut().map(|r| std::mem::take(&mut r.closers)).unwrap_or_default();
@@ -353,6 +381,73 @@ impl Mailbox {
     }
 }
 
+/// Client id -> session handle, online or (persistent) offline. A set of
+/// mailboxes looked up by their own client id: each entry is one pointer
+/// (a map with the id as a separate key would cost 16 B more per slot, and
+/// idle connections are counted in bytes).
+#[derive(Default)]
+pub(crate) struct Registry {
+    set: HashSet<ByClientId>,
+}
+
+/// A mailbox hashed and compared by its client id.
+struct ByClientId(Arc<Mailbox>);
+
+impl Borrow<str> for ByClientId {
+    fn borrow(&self) -> &str {
+        &self.0.client_id
+    }
+}
+
+impl PartialEq for ByClientId {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.client_id == other.0.client_id
+    }
+}
+
+impl Eq for ByClientId {}
+
+impl Hash for ByClientId {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // Must hash as the `str` it borrows as.
+        self.0.client_id.as_ref().hash(state);
+    }
+}
+
+impl Registry {
+    pub fn get(&self, client_id: &str) -> Option<&Arc<Mailbox>> {
+        self.set.get(client_id).map(|e| &e.0)
+    }
+
+    /// The mailbox of `client_id`, created (offline) if there is none; true
+    /// when it was created.
+    pub fn get_or_create(&mut self, client_id: &str) -> (Arc<Mailbox>, bool) {
+        if let Some(e) = self.set.get(client_id) {
+            return (e.0.clone(), false);
+        }
+        let mb = Arc::new(Mailbox::new(client_id.into()));
+        self.set.insert(ByClientId(mb.clone()));
+        (mb, true)
+    }
+
+    /// Removes `mb` if it is still the registered mailbox of its client id.
+    pub fn remove_if_same(&mut self, mb: &Arc<Mailbox>) -> bool {
+        if self.get(&mb.client_id).is_some_and(|m| Arc::ptr_eq(m, mb)) {
+            self.set.remove(&*mb.client_id);
+            return true;
+        }
+        false
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &Arc<Mailbox>> {
+        self.set.iter().map(|e| &e.0)
+    }
+
+    pub fn len(&self) -> usize {
+        self.set.len()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -392,7 +487,7 @@ mod tests {
         q1.qos = QoS::AtLeastOnce;
         assert_eq!(m.push(q1, 2, 3, &AllowAll), Push::Queued);
         let mut out = VecDeque::new();
-        m.drain(&mut out, 10);
+        m.drain(|| &mut out, 10);
         assert_eq!(out.len(), 3);
     }
 

@@ -788,9 +788,10 @@ async fn shutdown_sends_0x8b() {
 }
 
 /// Idle connections are counted in bytes: keep the long-lived parts small.
-/// The serve future holds the connection's state and lives in the task (tokio
-/// rounds a task up to a multiple of 128 bytes, about 100 of them its own):
-/// with the listener's few words around it, it must stay within 512.
+/// The serve future holds the connection's state and lives in the task; with
+/// the listener's few words and tokio's ~100 bytes around it the task is 352
+/// bytes (jemalloc's 384-byte class). The Mailbox fits the 128-byte class with
+/// its `Arc` counts. A field added here is paid by every idle connection.
 #[test]
 fn per_connection_state_stays_small() {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
@@ -798,9 +799,16 @@ fn per_connection_state_stays_small() {
         let br = broker();
         let (_a, srv) = tokio::io::duplex(64);
         let fut = br.serve_connection(srv, "127.0.0.1:1".parse().expect("addr"));
-        assert!(std::mem::size_of_val(&fut) <= 352, "serve future: {}", std::mem::size_of_val(&fut));
-        assert!(std::mem::size_of::<super::session::Mailbox>() <= 136);
+        let serve = std::mem::size_of_val(&fut);
+        let mailbox = std::mem::size_of::<super::session::Mailbox>();
         let conn = super::connection::conn_size::<tokio::net::TcpStream>();
-        assert!(conn <= 296, "connection state: {conn}");
+        // As the listener runs it: over any transport.
+        let conn_any = super::connection::conn_size::<crate::listener::ClientStream>();
+        eprintln!(
+            "serve future {serve} B, Mailbox {mailbox} B, Conn {conn} B ({conn_any} B over ClientStream)"
+        );
+        assert!(serve <= 208, "serve future: {serve}");
+        assert!(mailbox <= 112, "Mailbox: {mailbox}");
+        assert!(conn <= 168 && conn_any <= 168, "connection state: {conn} / {conn_any}");
     });
 }
