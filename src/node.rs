@@ -333,7 +333,7 @@ impl Node {
                 };
                 // The future itself, not wrapped in an async block that would keep
                 // the stream's and peer's slots for the connection's lifetime.
-                broker.serve_connection(stream, peer)
+                broker.connect_client(stream, peer)
             };
             tasks.push(tokio::spawn(listener.run(handler, shutdown.clone())));
         }

@@ -132,11 +132,30 @@ impl Close {
 
 type Step = Result<(), Close>;
 
-/// Serves one connection (see the module docs).
-/// Not an `async fn`: the stream and the CONNECT phase go into one box at
-/// once, freed when the client is accepted; from then on the connection's
-/// state lives in the caller's task itself, not in a box of its own (idle
-/// connections are counted in bytes).
+/// The CONNECT phase of a new connection (see the module docs): resolves, once the client is
+/// accepted (CONNACK sent), to the future that serves it until it closes, or
+/// to `None` when the connection ended before that. The listener runs this
+/// phase in a box freed when serving starts, and the serving future in the
+/// connection's task itself: an idle connection keeps only its [`Conn`] and
+/// the main loop's few words (counted in bytes).
+pub(crate) async fn connect<S>(
+    inner: Arc<Inner>,
+    stream: S,
+    peer: SocketAddr,
+) -> Option<impl Future<Output = ()> + Send + 'static>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    Metrics::inc(&inner.metrics.connections_open);
+    Metrics::inc(&inner.metrics.connections_total);
+    let io = Io { stream, rbuf: BytesMut::new(), wbuf: BytesMut::new() };
+    // Both phases count the connection out of `connections_open` when they end it.
+    let conn = connect_phase(inner, io, peer).await?;
+    Some(conn.run())
+}
+
+/// Both phases of a connection as one future (the CONNECT phase boxed), for
+/// callers without a listener.
 pub(crate) fn serve<S>(
     inner: Arc<Inner>,
     stream: S,
@@ -145,18 +164,12 @@ pub(crate) fn serve<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    Metrics::inc(&inner.metrics.connections_open);
-    Metrics::inc(&inner.metrics.connections_total);
-    let io = Io { stream, rbuf: BytesMut::new(), wbuf: BytesMut::new() };
-    // The CONNECT phase is boxed: its future is freed once the client is accepted.
-    let connect = Box::pin(connect_phase(inner, io, peer));
+    let connect = Box::pin(connect(inner, stream, peer));
     async move {
         // `let else`, not `if let`: the scrutinee of an `if let` would keep a
-        // second copy of the connection's state in the task. Both phases count
-        // the connection out of `connections_open` when they end it.
-        let Some(mut conn) = connect.await else { return };
-        let close = conn.main_loop().await;
-        Box::pin(conn.finish(close)).await;
+        // second copy of the connection's state in the future.
+        let Some(run) = connect.await else { return };
+        run.await;
     }
 }
 
@@ -748,34 +761,49 @@ impl<S> Conn<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
+    /// Serves the accepted connection until it closes.
+    /// Not an `async fn`: that would store `self` twice (the argument, and the
+    /// body's copy of it) for the connection's whole life.
+    #[allow(clippy::manual_async_fn)] // an `async fn` would store `self` twice
+    fn run(mut self) -> impl Future<Output = ()> + Send + 'static {
+        async move {
+            let close = self.main_loop().await;
+            Box::pin(self.finish(close)).await;
+        }
+    }
+
     /// Packet handling is synchronous; the rare waits (a full pipeline or ack
-    /// queue) are boxed so the task's future stays small.
-    async fn main_loop(&mut self) -> Close {
-        loop {
-            let ev = poll_fn(|cx| self.poll_event(cx)).await;
-            let ev_kind = if matches!(ev, Ev::Read) { EvKind::Read } else { EvKind::Other };
-            let step = match ev {
-                Ev::Read => self.on_read(),
-                Ev::Mailbox(f) => self.on_mailbox(f),
-                Ev::Applied => self.on_applied(),
-                Ev::Closed(c) => Err(c),
-            };
-            if let Err(c) = step {
-                return c;
-            }
-            if matches!(ev_kind, EvKind::Read) {
-                // Let the subscribers this input woke run before reading more
-                // (they usually sit in this worker's LIFO slot), so a fast
-                // publisher does not overrun their bounded outboxes.
-                tokio::task::yield_now().await;
-            }
-            if self.unsent() > 0 {
-                if let Err(c) = Box::pin(self.submit_unsent()).await {
+    /// queue) are boxed so the task's future stays small. Not an `async fn`,
+    /// which would store `self` twice.
+    #[allow(clippy::manual_async_fn)] // an `async fn` would store `self` twice
+    fn main_loop(&mut self) -> impl Future<Output = Close> + Send + '_ {
+        async move {
+            loop {
+                let ev = poll_fn(|cx| self.poll_event(cx)).await;
+                let ev_kind = if matches!(ev, Ev::Read) { EvKind::Read } else { EvKind::Other };
+                let step = match ev {
+                    Ev::Read => self.on_read(),
+                    Ev::Mailbox(f) => self.on_mailbox(f),
+                    Ev::Applied => self.on_applied(),
+                    Ev::Closed(c) => Err(c),
+                };
+                if let Err(c) = step {
                     return c;
                 }
-            }
-            if let Some(wait) = self.send_acks() {
-                wait.await;
+                if matches!(ev_kind, EvKind::Read) {
+                    // Let the subscribers this input woke run before reading more
+                    // (they usually sit in this worker's LIFO slot), so a fast
+                    // publisher does not overrun their bounded outboxes.
+                    tokio::task::yield_now().await;
+                }
+                if self.unsent() > 0 {
+                    if let Err(c) = Box::pin(self.submit_unsent()).await {
+                        return c;
+                    }
+                }
+                if let Some(wait) = self.send_acks() {
+                    wait.await;
+                }
             }
         }
     }

@@ -307,8 +307,25 @@ impl Broker {
         Broker { inner }
     }
 
-    /// Serves one client connection until it ends. `stream` is any byte stream
-    /// (TCP, TLS, WebSocket).
+    /// The CONNECT phase of a client connection: resolves to the future that
+    /// serves the accepted client until it closes, or to `None` when the
+    /// connection ended before that. `stream` is any byte stream (TCP, TLS,
+    /// WebSocket). The listener runs the two in one task (the first boxed).
+    pub fn connect_client<S>(
+        &self,
+        stream: S,
+        peer: SocketAddr,
+    ) -> impl std::future::Future<Output = Option<impl std::future::Future<Output = ()> + Send + 'static>>
+           + Send
+           + 'static
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        connection::connect(self.inner.clone(), stream, peer)
+    }
+
+    /// Serves one client connection until it ends: [`Self::connect_client`]
+    /// and then what it yields, as one future.
     /// (A plain `fn` returning the future, so the future stays a few pointers
     /// big; call it as `broker.serve_connection(s, peer).await`.)
     pub fn serve_connection<S>(

@@ -14,6 +14,7 @@
 
 mod proxy;
 mod stream;
+mod task;
 mod tls;
 mod ws;
 mod x509;
@@ -26,12 +27,12 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 pub use proxy::ProxyError;
 pub use stream::ClientStream;
+use task::{ConnLimit, ConnTask, Slot};
 pub use ws::WsStream;
 
 /// Time a client gets to complete its TLS and/or WebSocket handshake.
@@ -171,7 +172,7 @@ pub struct Listener {
     tcp: TcpListener,
     local_addr: SocketAddr,
     tls: Option<TlsAcceptor>,
-    limit: Option<Arc<Semaphore>>,
+    limit: Option<ConnLimit>,
     handshake_timeout: Duration,
     proxy_protocol: bool,
 }
@@ -209,7 +210,7 @@ impl Listener {
             tcp,
             local_addr,
             tls,
-            limit: cfg.max_connections.map(|n| Arc::new(Semaphore::new(n))),
+            limit: cfg.max_connections.map(ConnLimit::new),
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             proxy_protocol: cfg.proxy_protocol,
         })
@@ -236,16 +237,20 @@ impl Listener {
 
     /// Accepts connections until `shutdown` is cancelled. Each accepted socket gets
     /// TCP_NODELAY and its own task, which does the TLS / WebSocket handshake under
-    /// the handshake timeout and then awaits `handler(stream, peer)`; the
-    /// connection's slot of `max_connections` is held until that future ends.
-    /// Accept errors (EMFILE etc.) are logged and retried after a back-off; they
-    /// never end the loop. Returns when `shutdown` is cancelled; connections already
-    /// handed to the handler are left to it (the broker closes them on shutdown),
-    /// handshakes still in progress are abandoned.
-    pub async fn run<F, Fut>(self, handler: F, shutdown: CancellationToken)
+    /// the handshake timeout and then awaits `handler(stream, peer)`: the
+    /// handler's set-up (for the broker, the CONNECT phase), which yields the
+    /// future that serves the connection, or `None` when the connection ended
+    /// there. Both run in the task; the set-up in a box freed when serving
+    /// starts. The connection's slot of `max_connections` is held until the
+    /// serving future ends. Accept errors (EMFILE etc.) are logged and retried
+    /// after a back-off; they never end the loop. Returns when `shutdown` is
+    /// cancelled; connections already handed to the handler are left to it (the
+    /// broker closes them on shutdown), handshakes still in progress are abandoned.
+    pub async fn run<F, Setup, Serve>(self, handler: F, shutdown: CancellationToken)
     where
-        F: Fn(ClientStream, SocketAddr) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = ()> + Send + 'static,
+        F: Fn(ClientStream, SocketAddr) -> Setup + Send + Sync + 'static,
+        Setup: Future<Output = Option<Serve>> + Send + 'static,
+        Serve: Future<Output = ()> + Send + 'static,
     {
         let handler = Arc::new(handler);
         let conn = Arc::new(ConnSetup {
@@ -284,10 +289,10 @@ impl Listener {
                     continue;
                 }
             };
-            let permit = match &self.limit {
-                Some(limit) => match limit.clone().try_acquire_owned() {
-                    Ok(permit) => Some(permit),
-                    Err(_) => {
+            let slot = match &self.limit {
+                Some(limit) => match limit.try_take() {
+                    Some(slot) => Some(slot),
+                    None => {
                         tracing::debug!(listener = %self.name, %peer, "max_connections reached; closing");
                         drop(socket);
                         continue;
@@ -299,17 +304,12 @@ impl Listener {
                 // The socket is usable without it; only latency suffers.
                 tracing::debug!(listener = %self.name, %peer, error = %e, "cannot set TCP_NODELAY");
             }
-            // The handshake and the handler's set-up run in a box freed once the
-            // handler starts: the task itself keeps only the handler's future and
-            // the connection's permit for the connection's lifetime (idle
-            // connections are counted in bytes).
-            let setup = Box::pin(conn.clone().setup(socket, peer, handler.clone(), shutdown.clone(), permit));
-            tokio::spawn(async move {
-                // `let else`, not `if let`: an `if let` scrutinee would keep a
-                // second copy of the handler's future in the task.
-                let Some((serve, _permit)) = setup.await else { return };
-                serve.await;
-            });
+            // The handshake and the handler's set-up run in a box freed once
+            // serving starts: for the connection's lifetime the task keeps only
+            // the serving future and the slot (idle connections are counted in
+            // bytes; task.rs).
+            let setup = Box::pin(conn.clone().setup(socket, peer, handler.clone(), shutdown.clone(), slot));
+            tokio::spawn(ConnTask::new(setup));
         }
         tracing::info!(listener = %self.name, "listener stopped");
     }
@@ -327,19 +327,20 @@ struct ConnSetup {
 
 impl ConnSetup {
     /// The handshake under the timeout (abandoned on shutdown), then the
-    /// handler's future for the stream, with the connection's slot of
-    /// `max_connections`; `None` when the connection is closed before that
-    /// (logged).
-    async fn setup<F, Fut>(
+    /// handler's set-up; its serving future with the connection's slot of
+    /// `max_connections`, or `None` when the connection is closed before that
+    /// (the handshake's failures are logged here).
+    async fn setup<F, Setup, Serve>(
         self: Arc<Self>,
         socket: TcpStream,
         peer: SocketAddr,
         handler: Arc<F>,
         shutdown: CancellationToken,
-        permit: Option<OwnedSemaphorePermit>,
-    ) -> Option<(Fut, Option<OwnedSemaphorePermit>)>
+        slot: Option<Slot>,
+    ) -> Option<(Serve, Option<Slot>)>
     where
-        F: Fn(ClientStream, SocketAddr) -> Fut,
+        F: Fn(ClientStream, SocketAddr) -> Setup,
+        Setup: Future<Output = Option<Serve>>,
     {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => return None,
@@ -361,7 +362,8 @@ impl ConnSetup {
                 }
             },
         };
-        Some((handler(stream, peer), permit))
+        let serve = handler(stream, peer).await?;
+        Some((serve, slot))
     }
 
     /// The PROXY header (when configured, before anything else: it precedes

@@ -54,7 +54,8 @@ fn start(listener: Listener) -> Running {
     let (tx, seen) = mpsc::channel(16);
     let handler = move |mut stream: ClientStream, peer: SocketAddr| {
         let tx = tx.clone();
-        async move {
+        // No set-up phase: serve at once.
+        std::future::ready(Some(async move {
             let info = Seen {
                 kind: stream.kind(),
                 nodelay: stream.tcp().nodelay().unwrap_or(false),
@@ -75,7 +76,7 @@ fn start(listener: Listener) -> Running {
                 }
             }
             let _ = stream.shutdown().await;
-        }
+        }))
     };
     let task = tokio::spawn(listener.run(handler, shutdown.clone()));
     Running { addr, shutdown, seen, task }
