@@ -179,7 +179,9 @@ impl Mailbox {
     pub fn keepalive_expired(&self, now_ms: u64) -> bool {
         let limit = self.keepalive_limit_ms.load(Ordering::Relaxed);
         let last = self.last_rx_ms.load(Ordering::Relaxed);
-        limit > 0 && (now_ms as u32).wrapping_sub(last) > limit
+        let silent = (now_ms as u32).wrapping_sub(last);
+        // A `last` newer than `now_ms` (another clock reading) is no silence.
+        limit > 0 && silent > limit && silent < 1 << 31
     }
 
     /// Address used as the session identity (No Local).
@@ -473,6 +475,36 @@ mod tests {
 
     fn d() -> Delivery {
         Delivery { msg: msg(), qos: QoS::AtMostOnce, retain: false, sub_ids: Vec::new() }
+    }
+
+    #[test]
+    fn keepalive_clock_survives_the_32_bit_wrap() {
+        let m = Mailbox::new("k".into());
+        m.set_keepalive(10); // late after 15 s
+        let near_wrap = (1u64 << 32) - 5_000;
+        m.touch(near_wrap);
+        assert!(!m.keepalive_expired(near_wrap + 14_000), "14 s across the wrap");
+        assert!(m.keepalive_expired(near_wrap + 15_001), "15 s + 1 ms across the wrap");
+        // A clock reading older than the last packet is no silence.
+        assert!(!m.keepalive_expired(near_wrap - 1));
+        m.set_keepalive(0);
+        assert!(!m.keepalive_expired(near_wrap + 1_000_000_000), "no keep alive: never late");
+    }
+
+    #[test]
+    fn registry_finds_creates_and_removes_only_its_own_mailbox() {
+        let mut reg = Registry::default();
+        let (a, created) = reg.get_or_create("a");
+        assert!(created);
+        let (again, created) = reg.get_or_create("a");
+        assert!(!created && Arc::ptr_eq(&a, &again));
+        assert!(reg.get("a").is_some_and(|m| Arc::ptr_eq(m, &a)) && reg.get("b").is_none());
+        // A mailbox no longer registered under its id is not removed in its place.
+        let stale = Arc::new(Mailbox::new("a".into()));
+        assert!(!reg.remove_if_same(&stale));
+        assert_eq!(reg.len(), 1);
+        assert!(reg.remove_if_same(&a));
+        assert_eq!((reg.len(), reg.values().count()), (0, 0));
     }
 
     #[test]
