@@ -357,6 +357,7 @@ struct Flow {
 }
 
 impl Flow {
+    /// Nothing queued in any direction (`unsent` counts entries of `pending`).
     fn is_empty(&self) -> bool {
         self.pending.is_empty()
             && self.held.is_empty()
@@ -950,7 +951,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
                 self.send(&Packet::PingResp);
                 // The client has been quiet for a while: give the flow's
                 // queues back if nothing is in them.
-                if self.flow.as_ref().is_some_and(|f| f.is_empty() && f.unsent == 0) {
+                if self.flow.as_ref().is_some_and(|f| f.is_empty()) {
                     self.flow = None;
                 }
                 Ok(())
