@@ -16,8 +16,10 @@
 //! a task awaiting `flush_async`: `flush_async` runs the flush on sled's I/O
 //! pool, and every job handed to that pool wakes all of its idle threads
 //! (`notify_all` on one condvar, fixed in vendor/sled to wake one), so each
-//! flush cost two rounds of thread wake-ups instead of one. Measured in
-//! docs/BENCHMARKS.md (cluster section).
+//! flush cost two rounds of thread wake-ups instead of one. The vendored sled
+//! also writes the flushed buffer on the flusher thread itself rather than
+//! on that pool (vendor/sled/PATCHED.md). Measured in docs/BENCHMARKS.md
+//! (cluster section).
 //!
 //! `purge` records the purge point and leaves the removal of the entries to a
 //! purger thread (see `purge`); the commit index is written at most every
