@@ -449,8 +449,15 @@ async fn will_retained_flag() {
     let topic = "will/retained";
     let mut w = Will::new(topic, b"retained-will");
     w.retain = true;
+    // A watcher sees the will published live, so the late subscribers below
+    // come after it: one subscribed before the will would get a live copy
+    // (retain 0 without Retain As Published), not the retained one.
+    let (mut watcher, _) = RawClient::connect_ok(b.addr, &Conn::v5("wret-watch")).await;
+    watcher.send(&subscribe(true, 1, &[(topic, 0)], &[])).await;
+    let _ = watcher.expect(common::DEADLINE).await; // SUBACK
     let (c, _) = RawClient::connect_ok(b.addr, &Conn::v3("wret").will(w)).await;
     drop(c);
+    assert_eq!(watcher.expect_pub().await.payload, b"retained-will");
     // A subscriber arriving later gets the will as the retained message.
     let deadline = Instant::now() + common::DEADLINE;
     loop {
