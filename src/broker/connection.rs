@@ -368,7 +368,20 @@ impl Flow {
 
 #[derive(Default)]
 struct Cold {
-    username: Option<Box<str>>,
+    /// Shared with the mailbox (`Mailbox::set_username`): one allocation.
+    username: Option<Arc<str>>,
+    /// The last publishClientSend / publishClientReceive answers (a client
+    /// usually repeats its topics): reused while the rules are unchanged.
+    may_publish: LastDecision,
+    may_receive: LastDecision,
+    /// The rest, boxed again: an authenticated idle connection (user name and
+    /// remembered answers only) keeps 48 bytes here instead of ~300.
+    rare: Option<Box<Rare>>,
+}
+
+/// Protocol state few connections need, allocated on first use.
+#[derive(Default)]
+struct Rare {
     /// Will of a non-managed session (State keeps the will of managed ones).
     will: Option<LastWill>,
     aliases: BTreeMap<u16, String>,
@@ -376,10 +389,6 @@ struct Cold {
     in_qos2: BTreeSet<u16>,
     /// State in-flight entries sent on this connection, by packet id.
     state_sent: BTreeMap<u16, Sent>,
-    /// The last publishClientSend / publishClientReceive answers (a client
-    /// usually repeats its topics): reused while the rules are unchanged.
-    may_publish: LastDecision,
-    may_receive: LastDecision,
 }
 
 /// The permission checks whose last answer a connection remembers.
@@ -539,7 +548,8 @@ where
             return None;
         }
     };
-    mailbox.set_username(c.username.as_deref().map(Box::from));
+    let username: Option<Arc<str>> = c.username.as_deref().map(Arc::from);
+    mailbox.set_username(username.clone());
 
     let state_has = inner.state.read().session(&client_id).is_some();
     let managed = persistent || (state_has && !c.clean_start);
@@ -648,10 +658,11 @@ where
         inner,
     };
     let will = if managed { None } else { c.will };
-    if c.username.is_some() || will.is_some() {
-        let cold = conn.cold();
-        cold.username = c.username.as_deref().map(Box::from);
-        cold.will = will;
+    if username.is_some() {
+        conn.cold().username = username;
+    }
+    if will.is_some() {
+        conn.rare().will = will;
     }
     // Queued QoS 0 messages, then the State window (resent with DUP on resume).
     for d in qos0 {
@@ -669,7 +680,7 @@ where
             None => Vec::new(),
         };
         if !ids.is_empty() {
-            conn.cold().in_qos2.extend(ids);
+            conn.rare().in_qos2.extend(ids);
         }
         conn.scan_state();
     }
@@ -739,6 +750,14 @@ impl<S> Conn<S> {
         self.cold.get_or_insert_with(Default::default)
     }
 
+    fn rare(&mut self) -> &mut Rare {
+        self.cold().rare.get_or_insert_with(Default::default)
+    }
+
+    fn rare_ref(&self) -> Option<&Rare> {
+        self.cold.as_ref().and_then(|c| c.rare.as_deref())
+    }
+
     fn flow(&mut self) -> &mut Flow {
         self.flow.get_or_insert_with(Default::default)
     }
@@ -753,11 +772,11 @@ impl<S> Conn<S> {
     }
 
     fn in_qos2(&self) -> &BTreeSet<u16> {
-        self.cold.as_ref().map_or(&NO_IDS, |c| &c.in_qos2)
+        self.rare_ref().map_or(&NO_IDS, |r| &r.in_qos2)
     }
 
     fn state_sent(&self) -> &BTreeMap<u16, Sent> {
-        self.cold.as_ref().map_or(&NO_SENT, |c| &c.state_sent)
+        self.rare_ref().map_or(&NO_SENT, |r| &r.state_sent)
     }
 }
 
@@ -1050,7 +1069,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             self.in_unacked += 1;
         }
         if p.qos == QoS::ExactlyOnce {
-            self.cold().in_qos2.insert(pid);
+            self.rare().in_qos2.insert(pid);
         }
         if msg.topic.starts_with("$CONTROL/") {
             return self.on_control(&msg, ack);
@@ -1123,12 +1142,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             return Err(Close::server(reason::TOPIC_ALIAS_INVALID, "topic alias out of range"));
         }
         if topic.is_empty() {
-            return match self.cold.as_ref().and_then(|c| c.aliases.get(&alias)) {
+            return match self.rare_ref().and_then(|r| r.aliases.get(&alias)) {
                 Some(t) => Ok(t.clone()),
                 None => Err(Close::server(reason::PROTOCOL_ERROR, "unknown topic alias")),
             };
         }
-        self.cold().aliases.insert(alias, topic.clone());
+        self.rare().aliases.insert(alias, topic.clone());
         Ok(topic)
     }
 
@@ -1179,7 +1198,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         let releases = matches!(a, Packet::PubAck(_)) || failed;
         if failed {
             if let Packet::PubRec(r) = &a {
-                self.cold().in_qos2.remove(&r.packet_id);
+                self.rare().in_qos2.remove(&r.packet_id);
             }
         }
         self.send(&a);
@@ -1248,7 +1267,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         if matches!(self.out_flight(pid), Some(f) if f.qos == QoS::AtLeastOnce) {
             self.flow().out_inflight.remove(&pid);
         } else if let Some(Sent::Publish { msg }) = self.state_sent().get(&pid).copied() {
-            self.cold().state_sent.insert(pid, Sent::Done { msg });
+            self.rare().state_sent.insert(pid, Sent::Done { msg });
             self.ack(pid, pb::AckKind::Puback);
         }
         if self.state_deferred {
@@ -1274,14 +1293,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
                 Sent::Publish { msg } | Sent::Released { msg } if refused => {
                     self.ack(pid, pb::AckKind::Pubrec);
                     self.ack(pid, pb::AckKind::Pubcomp);
-                    self.cold().state_sent.insert(pid, Sent::Done { msg });
+                    self.rare().state_sent.insert(pid, Sent::Done { msg });
                 }
                 Sent::Publish { msg } => {
                     // The PUBREC must be committed before PUBREL goes out: a client
                     // that has seen PUBREL completes and forgets the packet id, so a
                     // new leader that did not know of the PUBREC would resend the
                     // PUBLISH and the client would take it as a new message.
-                    self.cold().state_sent.insert(pid, Sent::Released { msg });
+                    self.rare().state_sent.insert(pid, Sent::Released { msg });
                     let entry = pb::AckEntry {
                         client_id: self.mailbox.client_id.to_string(),
                         packet_id: u32::from(pid),
@@ -1313,7 +1332,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         if matches!(self.out_flight(pid), Some(f) if f.released) {
             self.flow().out_inflight.remove(&pid);
         } else if let Some(Sent::Released { msg }) = self.state_sent().get(&pid).copied() {
-            self.cold().state_sent.insert(pid, Sent::Done { msg });
+            self.rare().state_sent.insert(pid, Sent::Done { msg });
             self.ack(pid, pb::AckKind::Pubcomp);
         }
         if self.state_deferred {
@@ -1324,7 +1343,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
 
     fn on_pubrel(&mut self, r: PubResp) -> Step {
         let pid = r.packet_id;
-        if !self.cold().in_qos2.remove(&pid) {
+        if !self.rare().in_qos2.remove(&pid) {
             let code = if self.version.is_v5() { reason::PACKET_IDENTIFIER_NOT_FOUND } else { 0 };
             self.queue_action(Action::Ack {
                 packet: Packet::PubComp(PubResp::with_reason(pid, code)),
@@ -1696,7 +1715,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
     /// too large, or not allowed): acknowledged in the client's place so the
     /// window moves on.
     fn drop_state_delivery(&mut self, pid: u16, qos: u8, msg_key: usize) {
-        self.cold().state_sent.insert(pid, Sent::Done { msg: msg_key });
+        self.rare().state_sent.insert(pid, Sent::Done { msg: msg_key });
         let kind = if qos == 2 { pb::AckKind::Pubcomp } else { pb::AckKind::Puback };
         self.ack(pid, kind);
     }
@@ -1707,8 +1726,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         let inner = self.inner.clone();
         let st = inner.state.read();
         let Some(sess) = st.session(&self.mailbox.client_id) else {
-            if let Some(c) = self.cold.as_mut() {
-                c.state_sent.clear();
+            if let Some(r) = self.cold.as_mut().and_then(|c| c.rare.as_mut()) {
+                r.state_sent.clear();
             }
             return;
         };
@@ -1733,7 +1752,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             if e.awaiting_pubcomp {
                 budget = budget.saturating_sub(1);
                 self.io.send(&Packet::PubRel(PubResp::new(pid)), self.version, &inner.metrics);
-                self.cold().state_sent.insert(pid, Sent::Released { msg: msg_key });
+                self.rare().state_sent.insert(pid, Sent::Released { msg: msg_key });
                 continue;
             }
             if budget == 0 {
@@ -1789,9 +1808,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             }
             self.io.send(&pkt, self.version, &inner.metrics);
             Metrics::inc(&inner.metrics.publish_sent);
-            self.cold().state_sent.insert(pid, Sent::Publish { msg: msg_key });
+            self.rare().state_sent.insert(pid, Sent::Publish { msg: msg_key });
         }
-        self.cold().state_sent.retain(|pid, _| present.contains(pid));
+        self.rare().state_sent.retain(|pid, _| present.contains(pid));
     }
 
     // ------------------------------------------------------------ the end
@@ -1899,7 +1918,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
                 None => tracing::warn!(client_id = %self.mailbox.client_id, "session close not proposed"),
             }
         } else if publish_will && !stepped_down {
-            if let Some(w) = self.cold.as_mut().and_then(|c| c.will.take()) {
+            if let Some(w) = self.cold.as_mut().and_then(|c| c.rare.as_mut()).and_then(|r| r.will.take()) {
                 // A non-persistent session ends with its connection, so the will
                 // is due now whatever its delay (MQTT 5 3.1.3.2.2: delay or session end).
                 let msg = will_message(&w, now_ms());
@@ -1955,4 +1974,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
 #[cfg(test)]
 pub(crate) fn conn_size<S>() -> usize {
     std::mem::size_of::<Conn<S>>()
+}
+
+/// The box an authenticated idle connection keeps besides `Conn`.
+#[cfg(test)]
+pub(crate) fn cold_size() -> usize {
+    std::mem::size_of::<Cold>()
 }

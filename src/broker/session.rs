@@ -106,7 +106,8 @@ struct Inner {
 
 #[derive(Debug, Default)]
 struct Receiver {
-    username: Option<Box<str>>,
+    /// Shared with the attached connection.
+    username: Option<Arc<str>>,
     /// The last publishClientReceive answer for this client.
     may_receive: LastDecision,
 }
@@ -343,7 +344,7 @@ impl Mailbox {
         waiting
     }
 
-    pub fn set_username(&self, username: Option<Box<str>>) {
+    pub fn set_username(&self, username: Option<Arc<str>>) {
         let mut g = self.inner.lock();
         g.receiver =
             username.map(|username| Box::new(Receiver { username: Some(username), ..Receiver::default() }));

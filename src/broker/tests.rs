@@ -810,6 +810,11 @@ async fn per_connection_state_stays_small() {
     assert!(serve <= 184, "serving future: {serve}");
     assert!(conn <= 168, "connection state: {conn}");
     assert!(mailbox <= 112, "Mailbox: {mailbox}");
+    // With a user name: the user name and the remembered ACL answers, 48 B
+    // in jemalloc's size classes (the will, aliases and QoS 2 state are
+    // boxed apart).
+    let cold = super::connection::cold_size();
+    assert!(cold <= 48, "Conn's cold part: {cold}");
     // The CONNACK goes out once the connection is served.
     tokio::spawn(serving);
     assert!(matches!(client.recv().await, Some(Packet::ConnAck(_))));
