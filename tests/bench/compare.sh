@@ -44,7 +44,7 @@ results=$OUT/results.txt
 
 # name | tool arguments | figures compared (metric:target, see ratio_check)
 declare -A CASE_ARGS CASE_METRICS
-ALL_CASES="p2p-qos0 p2p-qos1 fanout50-qos0 p2p-qos0-10k p2p-qos1-10k idle-10k conn-rate-10k"
+ALL_CASES="p2p-qos0 p2p-qos1 fanout50-qos0 p2p-qos0-10k p2p-qos1-10k idle-10k idle-10k-auth conn-rate-10k"
 CASE_ARGS[p2p-qos0]="--scenario p2p --qos 0 --msgs 300000"
 CASE_METRICS[p2p-qos0]="broker_cpu_us_per_op:le:0.667 msgs_per_s:ge:1 lost:info:-"
 CASE_ARGS[p2p-qos1]="--scenario p2p --qos 1 --msgs 300000"
@@ -57,6 +57,10 @@ CASE_ARGS[p2p-qos1-10k]="--scenario p2p --qos 1 --msgs 50000 --rate 10000"
 CASE_METRICS[p2p-qos1-10k]="p99_ms:le:1 broker_cpu_us_per_op:info:-"
 CASE_ARGS[idle-10k]="--scenario idle-conns --clients 10000 --duration 5"
 CASE_METRICS[idle-10k]="bytes_per_conn:le:1"
+# The same with a user name and password on every connection: both brokers
+# refuse anonymous clients and check a password file (one user, $7$ hash).
+CASE_ARGS[idle-10k-auth]="--scenario idle-conns --clients 10000 --duration 5 --username bench --password bench-pw"
+CASE_METRICS[idle-10k-auth]="bytes_per_conn:le:1"
 CASE_ARGS[conn-rate-10k]="--scenario conn-rate --clients 10000"
 CASE_METRICS[conn-rate-10k]="conn_per_s:ge:1 broker_cpu_us_per_op:info:-"
 CASES=${CASES:-$ALL_CASES}
@@ -128,11 +132,23 @@ stop_broker() {
   broker_pid=""
 }
 
+# Cases whose brokers require a user name and password (see idle-10k-auth).
+needs_auth() { [[ $1 == *-auth ]]; }
+
+write_password_file() {
+  "$RAFTMQ_BIN" passwd bench bench-pw >"$1/passwd"
+}
+
 start_mosquitto() {
-  local port=$1 dir=$2
+  local port=$1 dir=$2 auth=${3:-} anonymous=true
+  if [[ -n "$auth" ]]; then
+    write_password_file "$dir"
+    anonymous="false
+password_file $dir/passwd"
+  fi
   cat >"$dir/mosquitto.conf" <<CONF
 listener $port 127.0.0.1
-allow_anonymous true
+allow_anonymous $anonymous
 persistence false
 log_dest stderr
 log_type error
@@ -143,12 +159,17 @@ CONF
 }
 
 start_raftmq() {
-  local port=$1 dir=$2 admin
+  local port=$1 dir=$2 auth=${3:-} admin
+  local -a auth_env=()
   admin=$(free_port)
   mkdir -p "$dir/data"
+  if [[ -n "$auth" ]]; then
+    write_password_file "$dir"
+    auth_env=(RAFTMQ_MQTT__ALLOW_ANONYMOUS=false "RAFTMQ_MQTT__PASSWORD_FILE=$dir/passwd")
+  fi
   # Same queue allowance as the Mosquitto configuration above (max_queued_messages
   # 1000000), so neither broker drops messages for a subscriber in a burst.
-  RAFTMQ_MQTT__OUTBOX_CAPACITY=1000000 RAFTMQ_MQTT__MAX_QUEUED_MESSAGES=1000000 \
+  env "${auth_env[@]}" RAFTMQ_MQTT__OUTBOX_CAPACITY=1000000 RAFTMQ_MQTT__MAX_QUEUED_MESSAGES=1000000 \
   "${rt[@]}" "$RAFTMQ_BIN" serve --mqtt-listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" \
     --data-dir "$dir/data" 2>"$dir/broker.log" >/dev/null &
   broker_pid=$!
@@ -162,7 +183,7 @@ run_one() {
   # A port can still be taken between the check and the bind: retry on another.
   for attempt in 1 2 3; do
     port=$(free_port)
-    "start_$broker" "$port" "$dir"
+    "start_$broker" "$port" "$dir" "$(needs_auth "$case" && echo auth)"
     if wait_listening "$port" "$broker_pid"; then
       started=1
       break
