@@ -7,6 +7,7 @@
 //! sessions, QoS or clients. Keys and values in the tree are opaque to it.
 //! It must not depend on any other raftmq module.
 
+mod submap;
 mod tree;
 
 pub use tree::SubscriptionTree;

@@ -6,10 +6,13 @@
 //! overflow a task's stack with a recursive walk. Lookups allocate nothing
 //! unless the walk needs more than [`INLINE_STACK`] pending branches.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fmt;
+use std::num::NonZeroU32;
 
 use smallvec::SmallVec;
+
+use super::submap::SubMap;
 
 /// Pending branches kept on the stack during a lookup before spilling to the heap.
 /// Each level of the walk leaves at most one pending sibling, so this covers
@@ -18,41 +21,67 @@ const INLINE_STACK: usize = 24;
 
 const ROOT: usize = 0;
 
+/// A child's index in the arena: never the root (0), so `Option<ChildId>` is
+/// 4 bytes. A node is one filter level (80 bytes here) and most filters end in
+/// a leaf with one subscriber, so per-node bytes are per-subscription bytes.
+type ChildId = NonZeroU32;
+
+fn child_id(id: usize) -> ChildId {
+    // Fewer than 2^32 nodes: each takes more than 80 bytes.
+    u32::try_from(id).ok().and_then(NonZeroU32::new).expect("a child node index fits in 1..2^32")
+}
+
 struct Node<K, V> {
-    parent: usize,
+    parent: u32,
+    plus: Option<ChildId>,
+    hash: Option<ChildId>,
     /// This node's level in its parent ("+" / "#" for the wildcard children).
     level: Box<str>,
-    children: HashMap<Box<str>, usize>,
-    plus: Option<usize>,
-    hash: Option<usize>,
+    /// Children by level; boxed (8 bytes instead of 48 in every node) and
+    /// absent while empty (leaves are most nodes).
+    #[allow(clippy::box_collection)]
+    children: Option<Box<HashMap<Box<str>, ChildId>>>,
     /// The full filter of this node, kept while `subs` is non-empty (the
     /// callback of `matches` borrows it).
     filter: Option<Box<str>>,
-    subs: BTreeMap<K, V>,
+    subs: SubMap<K, V>,
 }
 
 impl<K, V> Node<K, V> {
     fn new(parent: usize, level: &str) -> Self {
         Node {
-            parent,
-            level: level.into(),
-            children: HashMap::new(),
+            // Fewer than 2^32 nodes (see `child_id`).
+            parent: u32::try_from(parent).expect("a node index fits in 32 bits"),
             plus: None,
             hash: None,
+            level: level.into(),
+            children: None,
             filter: None,
-            subs: BTreeMap::new(),
+            subs: SubMap::default(),
         }
     }
 
     fn is_unused(&self) -> bool {
-        self.subs.is_empty() && self.children.is_empty() && self.plus.is_none() && self.hash.is_none()
+        self.subs.is_empty() && self.children.is_none() && self.plus.is_none() && self.hash.is_none()
+    }
+
+    fn plus(&self) -> Option<usize> {
+        self.plus.map(|c| c.get() as usize)
+    }
+
+    fn hash(&self) -> Option<usize> {
+        self.hash.map(|c| c.get() as usize)
+    }
+
+    fn named_child(&self, level: &str) -> Option<usize> {
+        self.children.as_ref()?.get(level).map(|c| c.get() as usize)
     }
 
     fn child(&self, level: &str) -> Option<usize> {
         match level {
-            "+" => self.plus,
-            "#" => self.hash,
-            _ => self.children.get(level).copied(),
+            "+" => self.plus(),
+            "#" => self.hash(),
+            _ => self.named_child(level),
         }
     }
 }
@@ -134,10 +163,12 @@ impl<K: Ord + Clone, V> SubscriptionTree<K, V> {
                     let c = self.alloc(id, level);
                     let node = &mut self.nodes[id];
                     match level {
-                        "+" => node.plus = Some(c),
-                        "#" => node.hash = Some(c),
+                        "+" => node.plus = Some(child_id(c)),
+                        "#" => node.hash = Some(child_id(c)),
                         _ => {
-                            node.children.insert(level.into(), c);
+                            node.children
+                                .get_or_insert_with(Default::default)
+                                .insert(level.into(), child_id(c));
                         }
                     }
                     c
@@ -171,14 +202,19 @@ impl<K: Ord + Clone, V> SubscriptionTree<K, V> {
     /// Unlinks and frees `id` and its ancestors while they hold nothing.
     fn prune(&mut self, mut id: usize) {
         while id != ROOT && self.nodes[id].is_unused() {
-            let parent = self.nodes[id].parent;
+            let parent = self.nodes[id].parent as usize;
             let level = std::mem::take(&mut self.nodes[id].level);
             let p = &mut self.nodes[parent];
             match &*level {
                 "+" => p.plus = None,
                 "#" => p.hash = None,
                 _ => {
-                    p.children.remove(&level);
+                    if let Some(children) = p.children.as_mut() {
+                        children.remove(&level);
+                        if children.is_empty() {
+                            p.children = None;
+                        }
+                    }
                 }
             }
             self.free.push(id);
@@ -199,7 +235,7 @@ impl<K: Ord + Clone, V> SubscriptionTree<K, V> {
         }
         let mut emit = |node: &'a Node<K, V>| {
             if let Some(filter) = &node.filter {
-                for (k, v) in &node.subs {
+                for (k, v) in node.subs.iter() {
                     f(filter, k, v);
                 }
             }
@@ -213,7 +249,7 @@ impl<K: Ord + Clone, V> SubscriptionTree<K, V> {
                 // Topic consumed: this node matches, and so does its `#` child
                 // ("a/#" matches "a").
                 emit(node);
-                if let Some(h) = node.hash {
+                if let Some(h) = node.hash() {
                     emit(&self.nodes[h]);
                 }
                 continue;
@@ -223,14 +259,14 @@ impl<K: Ord + Clone, V> SubscriptionTree<K, V> {
                 None => (rest, None),
             };
             if !(first && level.starts_with('$')) {
-                if let Some(h) = node.hash {
+                if let Some(h) = node.hash() {
                     emit(&self.nodes[h]);
                 }
-                if let Some(p) = node.plus {
+                if let Some(p) = node.plus() {
                     stack.push((p, next, false));
                 }
             }
-            if let Some(&c) = node.children.get(level) {
+            if let Some(c) = node.named_child(level) {
                 stack.push((c, next, false));
             }
         }
@@ -240,6 +276,13 @@ impl<K: Ord + Clone, V> SubscriptionTree<K, V> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Per-subscription memory: a filter is mostly one leaf node.
+    #[test]
+    fn a_node_stays_small() {
+        let size = std::mem::size_of::<Node<std::sync::Arc<str>, [u64; 4]>>();
+        assert!(size <= 80, "Node: {size} B");
+    }
     use crate::topic::matches;
     use proptest::prelude::*;
     use std::collections::BTreeSet;
