@@ -118,7 +118,9 @@ struct Rare {
     closers: Vec<oneshot::Sender<()>>,
     /// Every filter this session subscribes (as sent, `$share/...` included),
     /// so the router can be cleaned when the session ends.
-    filters: Vec<String>,
+    /// Sized exactly (a `Vec` grows to 4 slots on its first push): most
+    /// sessions subscribe one or two filters.
+    filters: Vec<Box<str>>,
 }
 
 impl Inner {
@@ -363,20 +365,21 @@ impl Mailbox {
     pub fn add_filter(&self, f: &str) {
         let mut g = self.inner.lock();
         let filters = &mut g.rare().filters;
-        if !filters.iter().any(|x| x == f) {
-            filters.push(f.to_owned());
+        if !filters.iter().any(|x| &**x == f) {
+            filters.reserve_exact(1);
+            filters.push(f.into());
         }
     }
 
     pub fn remove_filter(&self, f: &str) {
         let mut g = self.inner.lock();
         if let Some(r) = g.rare.as_mut() {
-            r.filters.retain(|x| x != f);
+            r.filters.retain(|x| &**x != f);
         }
         g.trim_rare();
     }
 
-    pub fn take_filters(&self) -> Vec<String> {
+    pub fn take_filters(&self) -> Vec<Box<str>> {
         let mut g = self.inner.lock();
         let filters = g.rare.as_mut().map(|r| std::mem::take(&mut r.filters)).unwrap_or_default();
         g.trim_rare();
