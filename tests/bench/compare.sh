@@ -44,7 +44,7 @@ results=$OUT/results.txt
 
 # name | tool arguments | figures compared (metric:target, see ratio_check)
 declare -A CASE_ARGS CASE_METRICS
-ALL_CASES="p2p-qos0 p2p-qos1 fanout50-qos0 p2p-qos0-10k p2p-qos1-10k idle-10k idle-10k-auth conn-rate-10k"
+ALL_CASES="p2p-qos0 p2p-qos1 fanout50-qos0 p2p-qos0-10k p2p-qos1-10k idle-10k idle-10k-sub idle-10k-auth conn-rate-10k"
 CASE_ARGS[p2p-qos0]="--scenario p2p --qos 0 --msgs 300000"
 CASE_METRICS[p2p-qos0]="broker_cpu_us_per_op:le:0.667 msgs_per_s:ge:1 lost:info:-"
 CASE_ARGS[p2p-qos1]="--scenario p2p --qos 1 --msgs 300000"
@@ -57,6 +57,9 @@ CASE_ARGS[p2p-qos1-10k]="--scenario p2p --qos 1 --msgs 50000 --rate 10000"
 CASE_METRICS[p2p-qos1-10k]="p99_ms:le:1 broker_cpu_us_per_op:info:-"
 CASE_ARGS[idle-10k]="--scenario idle-conns --clients 10000 --duration 5"
 CASE_METRICS[idle-10k]="bytes_per_conn:le:1"
+# The same with one subscription per connection (a topic of its own).
+CASE_ARGS[idle-10k-sub]="--scenario idle-conns --clients 10000 --duration 5 --subscribe"
+CASE_METRICS[idle-10k-sub]="bytes_per_conn:le:1"
 # The same with a user name and password on every connection: both brokers
 # refuse anonymous clients and check a password file (one user, $7$ hash).
 CASE_ARGS[idle-10k-auth]="--scenario idle-conns --clients 10000 --duration 5 --username bench --password bench-pw"
