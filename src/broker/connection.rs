@@ -758,6 +758,11 @@ impl<S> Conn<S> {
         self.cold.as_ref().and_then(|c| c.rare.as_deref())
     }
 
+    /// The rare part if it exists (never allocates).
+    fn rare_mut(&mut self) -> Option<&mut Rare> {
+        self.cold.as_mut().and_then(|c| c.rare.as_deref_mut())
+    }
+
     fn flow(&mut self) -> &mut Flow {
         self.flow.get_or_insert_with(Default::default)
     }
@@ -1726,7 +1731,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         let inner = self.inner.clone();
         let st = inner.state.read();
         let Some(sess) = st.session(&self.mailbox.client_id) else {
-            if let Some(r) = self.cold.as_mut().and_then(|c| c.rare.as_mut()) {
+            if let Some(r) = self.rare_mut() {
                 r.state_sent.clear();
             }
             return;
@@ -1918,7 +1923,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
                 None => tracing::warn!(client_id = %self.mailbox.client_id, "session close not proposed"),
             }
         } else if publish_will && !stepped_down {
-            if let Some(w) = self.cold.as_mut().and_then(|c| c.rare.as_mut()).and_then(|r| r.will.take()) {
+            if let Some(w) = self.rare_mut().and_then(|r| r.will.take()) {
                 // A non-persistent session ends with its connection, so the will
                 // is due now whatever its delay (MQTT 5 3.1.3.2.2: delay or session end).
                 let msg = will_message(&w, now_ms());
