@@ -21,6 +21,11 @@
 //! on that pool (vendor/sled/PATCHED.md). Measured in docs/BENCHMARKS.md
 //! (cluster section).
 //!
+//! Appends are one sled `insert` per entry (a `sled::Batch` takes sled's
+//! global write lock and waits for every reader), and each appended entry
+//! also goes, decoded, into a bounded [`TailCache`]: the leader's
+//! replication streams read the newest entries from there, not from sled.
+//!
 //! `purge` records the purge point and leaves the removal of the entries to a
 //! purger thread (see `purge`); the commit index is written at most every
 //! 100 ms (a lower bound, see `save_committed`).
@@ -29,6 +34,7 @@
 //! order), value = `raft.Entry`; meta tree: `vote`, `committed`, `purged`.
 
 mod snapshot;
+mod tail;
 
 use std::fmt::Debug;
 use std::io;
@@ -49,6 +55,7 @@ use crate::raft::convert;
 use crate::raft::pb;
 use crate::raft::types::{Entry, LogId, TypeConfig, Vote};
 pub use snapshot::SnapshotStore;
+use tail::TailCache;
 
 /// Appends waiting for their flush; beyond this `append` waits (backpressure).
 const FLUSH_QUEUE: usize = 1024;
@@ -58,6 +65,8 @@ const MAX_READ_BYTES: usize = 8 * 1024 * 1024;
 
 /// sled page cache per node.
 const CACHE_BYTES: u64 = 64 * 1024 * 1024;
+/// Encoded bytes of the newest entries kept decoded for replication ([`TailCache`]).
+const TAIL_CACHE_BYTES: usize = 8 * 1024 * 1024;
 /// `save_committed` writes the commit index at most this often. It is a
 /// lower bound anyway (see `save_committed`); writing it on every commit cost
 /// a sled insert per entry on every node, and the garbage those rewrites of
@@ -212,6 +221,8 @@ struct Inner {
     db: sled::Db,
     log: sled::Tree,
     meta: sled::Tree,
+    /// The newest entries, what replication reads (see [`TailCache`]).
+    tail: Mutex<TailCache>,
     /// Declared last, so dropped after the sled handles: announces that the
     /// directory is free.
     _closed: ClosedOnDrop,
@@ -239,7 +250,13 @@ impl LogStore {
         let meta = db.open_tree("meta")?;
         let (tx, rx) = mpsc::channel(FLUSH_QUEUE);
         let (closed_tx, closed) = watch::channel(false);
-        let inner = Arc::new(Inner { db, log, meta, _closed: ClosedOnDrop(closed_tx) });
+        let inner = Arc::new(Inner {
+            db,
+            log,
+            meta,
+            tail: Mutex::new(TailCache::new(TAIL_CACHE_BYTES)),
+            _closed: ClosedOnDrop(closed_tx),
+        });
         let stats = Arc::new(StorageStats::new());
         let (flush_inner, flush_stats) = (inner.clone(), stats.clone());
         std::thread::Builder::new()
@@ -354,6 +371,19 @@ impl LogReader {
     }
 
     fn read_range<RB: RangeBounds<u64>>(&self, range: RB, max_bytes: usize) -> io::Result<Vec<Entry>> {
+        let start = match range.start_bound() {
+            Bound::Included(i) => *i,
+            Bound::Excluded(i) => i.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(i) => i.saturating_add(1),
+            Bound::Excluded(i) => *i,
+            Bound::Unbounded => u64::MAX,
+        };
+        if let Some(entries) = self.inner.tail.lock().read(start, end, max_bytes) {
+            return Ok(entries);
+        }
         let mut out = Vec::new();
         let mut bytes = 0;
         for kv in self.inner.log.range(key_range(&range)) {
@@ -443,18 +473,24 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut batch = sled::Batch::default();
+        // One `insert` per entry, not a `sled::Batch`: a batch takes sled's
+        // global write lock, which waits for every reader (the replication
+        // streams iterating the log) and spun the Raft core on sched_yield.
+        // Atomicity is not needed: sled recovers its log in order, so a crash
+        // midway leaves a prefix of the entries, and nothing is acknowledged
+        // before the flush below.
         let (mut n, mut bytes) = (0u64, 0u64);
         for e in entries {
             let value = convert::entry_to_pb(&e).encode_to_vec();
+            let size = value.len();
             n += 1;
-            bytes += value.len() as u64;
-            batch.insert(&index_key(e.log_id.index), value);
+            bytes += size as u64;
+            self.inner.log.insert(index_key(e.log_id.index), value).map_err(sled_err)?;
+            self.inner.tail.lock().push(e, size);
         }
         self.stats.appends.fetch_add(1, Ordering::Relaxed);
         self.stats.entries.fetch_add(n, Ordering::Relaxed);
         self.stats.bytes.fetch_add(bytes, Ordering::Relaxed);
-        self.inner.log.apply_batch(batch).map_err(sled_err)?;
         // Readable now; durable when the flusher calls back.
         if let Err(mpsc::error::SendError(cb)) = self.flusher.send(callback).await {
             cb.io_completed(Err(io::Error::other("log flusher stopped")));
@@ -463,6 +499,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
+        self.inner.tail.lock().truncate_after(last_log_id.map(|l| l.index));
         let start = last_log_id.map_or(Bound::Unbounded, |l| Bound::Excluded(index_key(l.index)));
         let keys: Vec<sled::IVec> = self
             .inner
@@ -483,6 +520,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // Record the purge point first: entries at or below it are never read
         // again, so a crash before they are removed leaves no hole.
         self.put_meta(KEY_PURGED, Some(convert::log_id_to_pb(&log_id).encode_to_vec()))?;
+        self.inner.tail.lock().purge_upto(log_id.index);
         // The removal itself runs on the purger thread: after a snapshot it
         // is thousands of keys (snapshot_every - keep_after_snapshot), and
         // done here it held up Raft (heartbeats, appends) on every node at
