@@ -40,6 +40,9 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bounds of the back-off after a failed `accept` (EMFILE, ENOBUFS, ...).
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// TCP_DEFER_ACCEPT (Linux): seconds the kernel keeps a new connection that
+/// has sent nothing before handing it to `accept` anyway (see [`defer_accept`]).
+const DEFER_ACCEPT_SECS: i32 = 1;
 
 /// The transport of a listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -187,6 +190,40 @@ impl std::fmt::Debug for Listener {
     }
 }
 
+/// Asks the kernel to hand a connection to `accept` only once its first bytes
+/// have arrived (or after [`DEFER_ACCEPT_SECS`]). Every client speaks first
+/// here (MQTT CONNECT, TLS ClientHello, HTTP upgrade, PROXY header), so the
+/// accepted socket is readable at once: one wake-up per new connection
+/// instead of two (accept, then the first bytes), and silent connections
+/// wait in the kernel's queue instead of holding a task. nginx (`deferred`)
+/// and HAProxy (`defer-accept`) do the same.
+#[cfg(target_os = "linux")]
+fn defer_accept(tcp: &TcpListener) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let secs: libc::c_int = DEFER_ACCEPT_SECS;
+    // SAFETY: the descriptor is the live listening socket `tcp` owns, and the
+    // option value is a c_int whose size is passed along with it.
+    let rc = unsafe {
+        libc::setsockopt(
+            tcp.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&secs as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn defer_accept(_tcp: &TcpListener) -> std::io::Result<()> {
+    Ok(())
+}
+
 impl Listener {
     /// Loads the PEM files (for tls / wss), builds the TLS configuration and binds
     /// the socket. Errors name the listener and the file concerned.
@@ -203,6 +240,9 @@ impl Listener {
             addr: cfg.bind,
             source,
         })?;
+        if let Err(e) = defer_accept(&tcp) {
+            tracing::debug!(listener = %cfg.name, error = %e, "TCP_DEFER_ACCEPT not set");
+        }
         Ok(Listener {
             name: cfg.name.clone(),
             kind: cfg.kind,

@@ -741,3 +741,31 @@ proptest::proptest! {
         let _ = proxy::parse_v1(&v1);
     }
 }
+
+/// The kernel holds a new connection until its first bytes arrive
+/// (TCP_DEFER_ACCEPT), so `accept` hands over a readable socket.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn listening_socket_defers_accept_until_data() {
+    use std::os::fd::AsRawFd;
+    let listener = Listener::bind(&cfg(ListenerKind::Tcp)).await.unwrap();
+    let mut secs: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: a live socket, and an out value of the size passed in `len`.
+    let rc = unsafe {
+        libc::getsockopt(
+            listener.tcp.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&mut secs as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "getsockopt: {}", std::io::Error::last_os_error());
+    assert!(secs > 0, "TCP_DEFER_ACCEPT is {secs}");
+    // A client that speaks first is still served at once.
+    let mut running = start(listener);
+    let mut client = TcpStream::connect(running.addr).await.unwrap();
+    echo_round_trip(&mut client, &[b"first bytes"]).await;
+    within("handler", running.seen.recv()).await.unwrap();
+}
