@@ -382,28 +382,47 @@ impl ConnSetup {
         F: Fn(ClientStream, SocketAddr) -> Setup,
         Setup: Future<Output = Option<Serve>>,
     {
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => return None,
-            result = tokio::time::timeout(self.handshake_timeout, self.handshake(socket, peer)) => match result {
-                Ok(Ok(pair)) => pair,
-                Ok(Err(HandshakeError::Proxy(e))) => {
-                    // Most likely a load balancer (or client) configured
-                    // without the PROXY protocol: say so plainly.
-                    tracing::warn!(listener = %self.name, %peer, error = %e, "closing connection: bad PROXY protocol header");
-                    return None;
-                }
-                Ok(Err(e)) => {
-                    tracing::debug!(listener = %self.name, %peer, error = %e, "handshake failed");
-                    return None;
-                }
-                Err(_) => {
-                    tracing::debug!(listener = %self.name, %peer, "handshake timed out");
-                    return None;
-                }
-            },
+        // Plain TCP has no handshake: no timer, and none of the TLS and
+        // WebSocket handshake state (boxed, where it is needed) is built and
+        // moved around for it.
+        let (stream, peer) = if self.kind == ListenerKind::Tcp && !self.proxy_protocol {
+            (ClientStream::Tcp(socket), peer)
+        } else {
+            Box::pin(self.timed_handshake(socket, peer, &shutdown)).await?
         };
         let serve = handler(stream, peer).await?;
         Some((serve, slot))
+    }
+
+    /// [`ConnSetup::handshake`] under the handshake timeout, abandoned on
+    /// shutdown; `None` (logged here) when it fails.
+    async fn timed_handshake(
+        &self,
+        socket: TcpStream,
+        peer: SocketAddr,
+        shutdown: &CancellationToken,
+    ) -> Option<(ClientStream, SocketAddr)> {
+        let result = tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            result = tokio::time::timeout(self.handshake_timeout, self.handshake(socket, peer)) => result,
+        };
+        match result {
+            Ok(Ok(pair)) => Some(pair),
+            Ok(Err(HandshakeError::Proxy(e))) => {
+                // Most likely a load balancer (or client) configured without
+                // the PROXY protocol: say so plainly.
+                tracing::warn!(listener = %self.name, %peer, error = %e, "closing connection: bad PROXY protocol header");
+                None
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(listener = %self.name, %peer, error = %e, "handshake failed");
+                None
+            }
+            Err(_) => {
+                tracing::debug!(listener = %self.name, %peer, "handshake timed out");
+                None
+            }
+        }
     }
 
     /// The PROXY header (when configured, before anything else: it precedes
