@@ -130,6 +130,26 @@ wait_listening() {
   return 1
 }
 
+# Connections tracked by netfilter (each closed loopback connection stays in
+# the table for nf_conntrack_tcp_timeout_time_wait, 120 s). A full table drops
+# SYNs, which the client retransmits after 1 s: runs back to back (10,000
+# connections each) filled it and gave one broker or the other p99 handshakes
+# of 1,000 ms. Before each run, wait (3 minutes at most) until there is room
+# for 50,000 more.
+wait_conntrack_room() {
+  local count_file=/proc/sys/net/netfilter/nf_conntrack_count max_file=/proc/sys/net/netfilter/nf_conntrack_max
+  [[ -r $count_file && -r $max_file ]] || return 0
+  local max count i waited=0
+  max=$(<"$max_file")
+  for ((i = 0; i < 180; i++)); do
+    count=$(<"$count_file")
+    ((count + 50000 <= max)) && break
+    waited=1
+    sleep 1
+  done
+  if ((waited)); then echo "waited for room in the conntrack table ($count of $max entries)" >&2; fi
+}
+
 stop_broker() {
   cleanup
   broker_pid=""
@@ -184,6 +204,7 @@ run_one() {
   mkdir -p "$dir"
   local attempt started=0
   # A port can still be taken between the check and the bind: retry on another.
+  wait_conntrack_room
   for attempt in 1 2 3; do
     port=$(free_port)
     "start_$broker" "$port" "$dir" "$(needs_auth "$case" && echo auth)"
