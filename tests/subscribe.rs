@@ -408,7 +408,8 @@ async fn shared_subscription_gets_no_retained() {
 async fn late_sub_get(b: &Broker, v5: bool, filter: &str, marker_topic: &str) -> Vec<Pub> {
     let (mut c, _) = RawClient::connect_ok(b.addr, &Conn::version(v5, "late")).await;
     c.send(&subscribe(v5, 1, &[(filter, 1), (marker_topic, 0)], &[])).await;
-    assert!(matches!(c.expect(WAIT).await, Pkt::SubAck { .. }));
+    let ack = c.expect(WAIT).await;
+    assert!(matches!(ack, Pkt::SubAck { .. }), "expected SUBACK, got {ack:?}");
     until_marker(&mut c, b"end").await
 }
 

@@ -595,8 +595,11 @@ where
         }
     }
     if !session_present {
-        // Whatever the router still holds for an older session of this id goes.
+        // Whatever the router still holds for an older session of this id goes,
+        // and so does anything already routed for it (in this order: see
+        // `start_new_session`).
         inner.drop_subscriptions(&mailbox);
+        mailbox.start_new_session();
     }
     mailbox.set_managed(managed);
 
@@ -1932,9 +1935,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
         }
 
         let session_ended = !self.managed || self.session_expiry == 0;
+        if session_ended {
+            // Before detaching: once detached, a new connection may attach and
+            // subscribe, and its filters must not be taken for this session's.
+            self.inner.drop_subscriptions(&self.mailbox);
+        }
         let waiting = self.mailbox.detach(self.conn_id);
         if session_ended {
-            self.inner.drop_subscriptions(&self.mailbox);
             if self.managed {
                 Metrics::dec(&metrics.sessions_persistent);
             }

@@ -404,7 +404,7 @@ impl Inner {
                 retain: force_retain || (t.retain_as_published && msg.retain),
                 sub_ids: t.sub_ids,
             };
-            match t.mailbox.push(d, cap, cap12, &*self.auth) {
+            match t.mailbox.push(d, t.session, cap, cap12, &*self.auth) {
                 Push::Queued | Push::Offline | Push::Denied => {}
                 Push::Full => Metrics::inc(&self.metrics.messages_dropped_outbox),
             }

@@ -26,6 +26,8 @@ pub(crate) struct SubValue {
 #[derive(Debug)]
 pub(crate) struct Target {
     pub mailbox: Arc<Mailbox>,
+    /// The mailbox's session when routed ([`Mailbox::session`]).
+    pub session: u32,
     pub qos: QoS,
     pub retain_as_published: bool,
     pub sub_ids: Vec<u32>,
@@ -139,6 +141,7 @@ impl Router {
                 filters_hit += 1;
             }
             route.targets.push(Target {
+                session: v.mailbox.session(),
                 mailbox: v.mailbox.clone(),
                 qos: v.opts.qos.min(msg.qos),
                 retain_as_published: v.opts.retain_as_published,
@@ -191,6 +194,7 @@ impl Router {
                 return;
             }
             route.targets.push(Target {
+                session: v.mailbox.session(),
                 mailbox: v.mailbox.clone(),
                 qos,
                 retain_as_published: v.opts.retain_as_published,

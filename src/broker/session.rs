@@ -149,6 +149,11 @@ pub(crate) struct Mailbox {
     /// counted in bytes (the wrapping difference is exact for gaps under 49 days).
     last_rx_ms: AtomicU32,
     keepalive_limit_ms: AtomicU32,
+    /// Which session of this client id the mailbox serves: bumped when a
+    /// connection starts a new session on it. A delivery routed for an older
+    /// session (routed before, pushed after) is refused rather than handed to
+    /// a client that never subscribed for it. Written under `inner`'s lock.
+    session: AtomicU32,
     /// Control flags (`flag::*`) for the attached connection. Read and written
     /// only under `inner`'s lock; kept outside it so `Inner` packs tighter.
     flags: AtomicU8,
@@ -163,6 +168,7 @@ impl Mailbox {
             online: AtomicBool::new(false),
             last_rx_ms: AtomicU32::new(0),
             keepalive_limit_ms: AtomicU32::new(0),
+            session: AtomicU32::new(0),
             flags: AtomicU8::new(0),
             inner: Mutex::new(Inner::default()),
         }
@@ -185,6 +191,21 @@ impl Mailbox {
         let silent = (now_ms as u32).wrapping_sub(last);
         // A `last` newer than `now_ms` (another clock reading) is no silence.
         limit > 0 && silent > limit && silent < 1 << 31
+    }
+
+    /// The session a delivery routed now is for (see the field).
+    pub fn session(&self) -> u32 {
+        self.session.load(Ordering::Acquire)
+    }
+
+    /// The attached connection starts a new session (not a resumed one): the
+    /// outbox is emptied and copies routed for earlier sessions are refused.
+    /// Call it after the router has dropped the earlier session's filters, so
+    /// that nothing routed from them carries the new session's number.
+    pub fn start_new_session(&self) {
+        let mut g = self.inner.lock();
+        self.session.fetch_add(1, Ordering::AcqRel);
+        g.items.clear();
     }
 
     /// Address used as the session identity (No Local).
@@ -213,16 +234,22 @@ impl Mailbox {
     /// outbox holds fewer than `capacity`; QoS 1/2 copies while it holds fewer
     /// than `capacity_qos12` (they may also use the session's queue allowance).
     /// The authorization hook decides whether this client may receive the message.
+    /// `session` is [`Self::session`] when the copy was routed: a copy for an
+    /// earlier session counts as offline.
     pub fn push(
         &self,
         d: Delivery,
+        session: u32,
         capacity: usize,
         capacity_qos12: usize,
         auth: &dyn Authenticator,
     ) -> Push {
         let waker = {
             let mut g = self.inner.lock();
-            if g.conn_id == 0 || !self.online.load(Ordering::Relaxed) {
+            if g.conn_id == 0
+                || !self.online.load(Ordering::Relaxed)
+                || self.session.load(Ordering::Relaxed) != session
+            {
                 return Push::Offline;
             }
             let epoch = auth.decision_epoch();
@@ -512,16 +539,37 @@ mod tests {
     }
 
     #[test]
+    fn a_copy_routed_for_an_earlier_session_is_refused() {
+        let m = Mailbox::new("c".into());
+        assert!(m.attach(7).is_ok());
+        let routed_for_old = m.session();
+        assert_eq!(m.push(d(), routed_for_old, 4, 4, &AllowAll), Push::Queued);
+        // The connection ends; another takes the client id with a new session.
+        assert!(!m.detach(7));
+        assert!(m.attach(8).is_ok());
+        m.start_new_session();
+        assert_eq!(m.push(d(), routed_for_old, 4, 4, &AllowAll), Push::Offline);
+        let mut out = VecDeque::new();
+        m.drain(|| &mut out, 10);
+        assert!(out.is_empty(), "the new session received a copy routed for the old one");
+        assert_eq!(m.push(d(), m.session(), 4, 4, &AllowAll), Push::Queued);
+        // Queued before the new session started: emptied with it.
+        m.start_new_session();
+        m.drain(|| &mut out, 10);
+        assert!(out.is_empty());
+    }
+
+    #[test]
     fn offline_and_full_mailboxes_drop() {
         let m = Mailbox::new("c".into());
-        assert_eq!(m.push(d(), 2, 3, &AllowAll), Push::Offline);
+        assert_eq!(m.push(d(), 0, 2, 3, &AllowAll), Push::Offline);
         assert!(m.attach(7).is_ok());
-        assert_eq!(m.push(d(), 2, 3, &AllowAll), Push::Queued);
-        assert_eq!(m.push(d(), 2, 3, &AllowAll), Push::Queued);
-        assert_eq!(m.push(d(), 2, 3, &AllowAll), Push::Full);
+        assert_eq!(m.push(d(), 0, 2, 3, &AllowAll), Push::Queued);
+        assert_eq!(m.push(d(), 0, 2, 3, &AllowAll), Push::Queued);
+        assert_eq!(m.push(d(), 0, 2, 3, &AllowAll), Push::Full);
         let mut q1 = d();
         q1.qos = QoS::AtLeastOnce;
-        assert_eq!(m.push(q1, 2, 3, &AllowAll), Push::Queued);
+        assert_eq!(m.push(q1, 0, 2, 3, &AllowAll), Push::Queued);
         let mut out = VecDeque::new();
         m.drain(|| &mut out, 10);
         assert_eq!(out.len(), 3);
