@@ -10,6 +10,7 @@ pub mod broker;
 pub mod config;
 pub mod ctl;
 pub mod dynsec;
+pub mod latency;
 pub mod listener;
 pub mod local_cluster;
 pub mod modes;

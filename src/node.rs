@@ -547,6 +547,7 @@ impl AdminView for RaftView {
             b.render_metrics(out);
         }
         self.broker.pipeline().commit_stats().render_prometheus(out);
+        self.raft.render_latency_metrics(out);
         render_state_metrics(&self.broker.state().read(), out);
     }
 }

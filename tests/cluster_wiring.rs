@@ -419,6 +419,16 @@ fn three_nodes_one_leader_followers_redirect_and_failover_keeps_acked_messages()
             let retained = metric(addrs[i].admin, "raftmq_state_retained")?;
             (pending == f64::from(N) && retained >= 1.0).then_some(())
         });
+        // Each node timed its durable appends.
+        let appends = metric(addrs[i].admin, "raftmq_raft_append_latency_seconds_count").unwrap_or(0.0);
+        assert!(appends >= 1.0, "node {}: {appends} appends timed", i + 1);
+    }
+    // The leader timed its replication to each follower (answered entries).
+    for &f in &followers {
+        let series = format!("raftmq_raft_replication_latency_seconds_count{{peer=\"{}\"}}", f + 1);
+        wait_until("the leader's replication latency per follower", DEADLINE, || {
+            metric(addrs[leader].admin, &series).filter(|&n| n >= 1.0)
+        });
     }
 
     // kill -9 of the leader: a new leader serves within a few seconds.

@@ -27,6 +27,7 @@ use parking_lot::RwLock;
 use prost::Message as _;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::latency::LatencyHistogram;
 use crate::raft::{RaftNode, MAX_ENTRY_BYTES};
 use crate::state::{pb, Applied, Event, State, StateError};
 
@@ -82,46 +83,30 @@ pub struct Pipeline {
     commit: Arc<CommitStats>,
 }
 
-/// Upper bounds (ms) of the commit latency histogram buckets.
-pub const LATENCY_BUCKETS_MS: [u64; 12] = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000];
-
 /// Raft back end: from submitting a batch to its commit and apply (leader),
-/// as a Prometheus-style cumulative histogram, plus failures.
+/// as a histogram, plus failures.
 #[derive(Debug, Default)]
 pub struct CommitStats {
-    /// Count per bucket of [`LATENCY_BUCKETS_MS`] (not cumulative); the last slot is +Inf.
-    buckets: [AtomicU64; 13],
-    sum_us: AtomicU64,
-    count: AtomicU64,
+    latency: LatencyHistogram,
     /// Batches proposed but not known to be committed (leadership lost,
     /// timeout, outcome unknown). Batches a follower never proposes are not counted.
     pub failed: AtomicU64,
 }
 
 impl CommitStats {
-    fn record(&self, d: Duration) {
-        let ms = d.as_millis() as u64;
-        let i = LATENCY_BUCKETS_MS.iter().position(|&b| ms < b).unwrap_or(LATENCY_BUCKETS_MS.len());
-        self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        self.sum_us.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
+    /// Batches committed so far.
+    pub fn count(&self) -> u64 {
+        self.latency.count()
     }
 
     /// Appends `raftmq_raft_commit_latency_seconds` (histogram) and the failure counter.
     pub fn render_prometheus(&self, out: &mut String) {
         use std::fmt::Write as _;
-        let name = "raftmq_raft_commit_latency_seconds";
-        let _ = writeln!(out, "# HELP {name} From proposing a batch to its commit and apply on the leader.");
-        let _ = writeln!(out, "# TYPE {name} histogram");
-        let mut cum = 0;
-        for (i, b) in LATENCY_BUCKETS_MS.iter().enumerate() {
-            cum += self.buckets[i].load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{le=\"{}\"}} {cum}", *b as f64 / 1000.0);
-        }
-        cum += self.buckets[LATENCY_BUCKETS_MS.len()].load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cum}");
-        let _ = writeln!(out, "{name}_sum {}", self.sum_us.load(Ordering::Relaxed) as f64 / 1e6);
-        let _ = writeln!(out, "{name}_count {}", self.count.load(Ordering::Relaxed));
+        self.latency.render(
+            out,
+            "raftmq_raft_commit_latency_seconds",
+            "From proposing a batch to its commit and apply on the leader.",
+        );
         let f = "raftmq_raft_proposals_failed_total";
         let _ = writeln!(
             out,
@@ -297,7 +282,7 @@ async fn run_raft(
                     inflight.push_back(async move {
                         let outcome = match tokio::time::timeout_at(deadline, fut).await {
                             Ok(Ok((_, results))) => {
-                                commit.record(started.elapsed());
+                                commit.latency.record(started.elapsed());
                                 Some(results)
                             }
                             Ok(Err(e)) => {
@@ -435,6 +420,20 @@ mod raft_tests {
             out
         };
         assert!(hist.contains(&format!("raftmq_raft_commit_latency_seconds_count {batches}")), "{hist}");
+        // Every append was timed to its fsync (the last callbacks may still be
+        // on their way when the last answer arrives).
+        let appends = raft.storage_stats().appends;
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let want = format!("raftmq_raft_append_latency_seconds_count {appends}");
+        loop {
+            let mut out = String::new();
+            raft.render_latency_metrics(&mut out);
+            if out.contains(&want) {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "want {want} in\n{out}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         raft.shutdown().await.unwrap();
     }
 
@@ -454,7 +453,7 @@ mod raft_tests {
         assert!(matches!(r, Err(PipelineError::Closed)), "{r:?}");
         assert!(started.elapsed() < Duration::from_secs(2));
         assert!(state.read().retained("order").is_none());
-        assert_eq!(pipeline.commit_stats().count.load(Ordering::Relaxed), 0);
+        assert_eq!(pipeline.commit_stats().count(), 0);
         raft.shutdown().await.unwrap();
     }
 }

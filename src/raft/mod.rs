@@ -283,6 +283,7 @@ pub struct RaftNode {
     /// Resolves when the log store has released its files.
     store_closed: Arc<tokio::sync::Mutex<Option<StoreClosed>>>,
     storage_stats: Arc<StorageStats>,
+    replication_stats: Arc<network::ReplicationStats>,
     /// Counts the leader transfers this node asked for (the broker stops
     /// taking new clients while one is under way, broker::serving).
     transfers: Arc<watch::Sender<u64>>,
@@ -385,7 +386,7 @@ impl RaftNode {
         config.validate()?;
         let raft_config = Arc::new(config.openraft_config()?);
         let dir = data_dir.join("raft");
-        let log_store = LogStore::open(&dir.join("log"))?;
+        let log_store = LogStore::open(&dir.join("log"))?.for_node(config.node_id);
         let store_closed: StoreClosed = Box::pin(log_store.on_closed());
         let storage_stats = log_store.stats();
         let snapshots = SnapshotStore::open(&dir.join("snapshot")).map_err(StorageError::from)?;
@@ -402,7 +403,8 @@ impl RaftNode {
 
         let sm = state_machine::StateMachine::new(state.clone(), event_sink, snapshots)
             .map_err(StorageError::from)?;
-        let network = network::NetworkFactory::new(config.node_id, tls.clone());
+        let replication_stats = Arc::new(network::ReplicationStats::default());
+        let network = network::NetworkFactory::new(config.node_id, tls.clone(), replication_stats.clone());
         let raft = Raft::new(config.node_id, raft_config, network, log_store, sm)
             .await
             .map_err(|e| RaftError::Fatal(e.to_string()))?;
@@ -425,6 +427,7 @@ impl RaftNode {
             stop: Arc::new(stop_tx),
             store_closed: Arc::new(tokio::sync::Mutex::new(Some(store_closed))),
             storage_stats,
+            replication_stats,
             transfers: Arc::new(watch::Sender::new(0)),
             state,
         };
@@ -622,6 +625,18 @@ impl RaftNode {
     /// flush latency.
     pub fn storage_stats(&self) -> StorageStatsSnapshot {
         self.storage_stats.snapshot()
+    }
+
+    /// Appends the latency histograms of this node's log and replication:
+    /// `raftmq_raft_append_latency_seconds` (append to durable, every node)
+    /// and `raftmq_raft_replication_latency_seconds{peer}` (as leader).
+    pub fn render_latency_metrics(&self, out: &mut String) {
+        self.storage_stats.append_latency.render(
+            out,
+            "raftmq_raft_append_latency_seconds",
+            "From appending entries to the log to their fsync (durable), on this node.",
+        );
+        self.replication_stats.render_prometheus(out);
     }
 
     /// The openraft handle, for what this wrapper does not cover.

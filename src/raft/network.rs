@@ -9,7 +9,9 @@
 //! response must never answer the next request); the next call reconnects,
 //! after a backoff doubling from 20 ms to 500 ms while the peer stays down.
 
+use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -21,11 +23,14 @@ use openraft::raft::{
     TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use openraft::{OptionalSend, RPCTypes};
+use parking_lot::Mutex;
 use prost::Message as _;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
+
+use crate::latency::LatencyHistogram;
 
 use super::convert::{self, ConvertError};
 use super::pb;
@@ -69,15 +74,44 @@ pub enum CallError {
     Invalid(#[from] ConvertError),
 }
 
+/// How long replication takes, per peer: from sending an AppendEntries that
+/// carries entries to its answer, so the peer's append and fsync included
+/// (heartbeats, which carry none, are left out). Shared by every client this
+/// node opens; a peer's series starts with its first client.
+#[derive(Debug, Default)]
+pub struct ReplicationStats {
+    peers: Mutex<BTreeMap<NodeId, Arc<LatencyHistogram>>>,
+}
+
+impl ReplicationStats {
+    fn for_peer(&self, peer: NodeId) -> Arc<LatencyHistogram> {
+        self.peers.lock().entry(peer).or_default().clone()
+    }
+
+    /// Appends `raftmq_raft_replication_latency_seconds{peer="ID"}`.
+    pub fn render_prometheus(&self, out: &mut String) {
+        let name = "raftmq_raft_replication_latency_seconds";
+        crate::latency::render_header(
+            out,
+            name,
+            "From sending entries to a peer to its answer (its append and fsync included), per peer.",
+        );
+        for (peer, h) in self.peers.lock().iter() {
+            h.render_series(out, name, &format!("peer=\"{peer}\""));
+        }
+    }
+}
+
 /// Creates the per-peer clients openraft asks for.
 pub struct NetworkFactory {
     node_id: NodeId,
     tls: Option<ClusterTls>,
+    stats: Arc<ReplicationStats>,
 }
 
 impl NetworkFactory {
-    pub fn new(node_id: NodeId, tls: Option<ClusterTls>) -> NetworkFactory {
-        NetworkFactory { node_id, tls }
+    pub fn new(node_id: NodeId, tls: Option<ClusterTls>, stats: Arc<ReplicationStats>) -> NetworkFactory {
+        NetworkFactory { node_id, tls, stats }
     }
 }
 
@@ -86,6 +120,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
 
     async fn new_client(&mut self, target: NodeId, node: &NodeAddr) -> PeerClient {
         PeerClient::new(self.node_id, target, node.cluster_addr.clone(), self.tls.clone())
+            .with_latency(self.stats.for_peer(target))
     }
 }
 
@@ -99,6 +134,8 @@ pub struct PeerClient {
     next_id: u64,
     backoff: Duration,
     retry_at: Option<Instant>,
+    /// Where replication round trips to this peer are recorded.
+    latency: Option<Arc<LatencyHistogram>>,
 }
 
 impl PeerClient {
@@ -112,7 +149,14 @@ impl PeerClient {
             next_id: 0,
             backoff: BACKOFF_MIN,
             retry_at: None,
+            latency: None,
         }
+    }
+
+    /// Records the round trip of every AppendEntries that carries entries here.
+    pub fn with_latency(mut self, latency: Arc<LatencyHistogram>) -> PeerClient {
+        self.latency = Some(latency);
+        self
     }
 
     async fn establish(&self) -> Result<Conn, CallError> {
@@ -254,8 +298,12 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
             entries: rpc.entries.iter().map(convert::entry_to_pb).collect(),
             leader_commit: convert::opt_log_id_to_pb(&rpc.leader_commit),
         };
+        let sent = Instant::now();
         match self.call(Request::AppendEntries(req), option.hard_ttl()).await {
             Ok(Response::AppendEntries(r)) => {
+                if let Some(h) = self.latency.as_ref().filter(|_| !rpc.entries.is_empty()) {
+                    h.record(sent.elapsed());
+                }
                 append_response_from_pb(&r).map_err(|e| self.rpc_error(e.into(), RPCTypes::AppendEntries))
             }
             Ok(other) => Err(self.rpc_error(unexpected(&other), RPCTypes::AppendEntries)),

@@ -12,6 +12,14 @@
 //! they share one flush, and no callback (the durability promise) fires
 //! before its flush. A vote is flushed before `save_vote` returns.
 //!
+//! A follower (a store told its node id with [`LogStore::for_node`], appending
+//! entries of another leader) flushes inline instead, in `append`, when no
+//! earlier callback is still with the flusher: its answer waits for that
+//! flush anyway, and the hand-off to the flusher thread was a context switch
+//! on the critical path of every replicated commit. After an inline flush
+//! slower than 20 ms (a stalling disk) the flusher takes over for a second,
+//! so the Raft core is not held for every fsync while the disk is slow.
+//!
 //! The flusher is a dedicated OS thread calling sled's blocking `flush`, not
 //! a task awaiting `flush_async`: `flush_async` runs the flush on sled's I/O
 //! pool, and every job handed to that pool wakes all of its idle threads
@@ -42,6 +50,7 @@ use std::ops::{Bound, RangeBounds};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use hdrhistogram::Histogram;
 use parking_lot::Mutex;
@@ -51,11 +60,18 @@ use openraft::{OptionalSend, RaftLogReader};
 use prost::Message as _;
 use tokio::sync::{mpsc, watch};
 
+use crate::latency::LatencyHistogram;
 use crate::raft::convert;
 use crate::raft::pb;
-use crate::raft::types::{Entry, LogId, TypeConfig, Vote};
+use crate::raft::types::{Entry, LogId, NodeId, TypeConfig, Vote};
 pub use snapshot::SnapshotStore;
 use tail::TailCache;
+
+/// An inline (follower) flush slower than this means a slow disk: for
+/// [`INLINE_FLUSH_PAUSE`] the flusher thread takes the appends again, so the
+/// Raft core is not held for every fsync while the disk stalls.
+const INLINE_FLUSH_SLOW: std::time::Duration = std::time::Duration::from_millis(20);
+const INLINE_FLUSH_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Appends waiting for their flush; beyond this `append` waits (backpressure).
 const FLUSH_QUEUE: usize = 1024;
@@ -149,6 +165,11 @@ pub struct StorageStats {
     pub bytes: AtomicU64,
     /// Duration of each group-commit flush, microseconds.
     flush_us: Mutex<Histogram<u64>>,
+    /// From `append` to its durability callback: the flush plus the wait for
+    /// the flusher (a flush already running, the thread's wake-up).
+    pub append_latency: LatencyHistogram,
+    /// Flushes a follower ran inline in `append` (also counted in `flushes`).
+    pub inline_flushes: AtomicU64,
 }
 
 /// A copy of [`StorageStats`] at one moment.
@@ -175,6 +196,8 @@ impl StorageStats {
             flush_us: Mutex::new(
                 Histogram::new_with_bounds(1, 3_600_000_000, 2).expect("valid constant histogram bounds"),
             ),
+            append_latency: LatencyHistogram::default(),
+            inline_flushes: AtomicU64::new(0),
         }
     }
 
@@ -202,10 +225,18 @@ impl StorageStats {
 pub struct LogStore {
     inner: Arc<Inner>,
     stats: Arc<StorageStats>,
-    flusher: mpsc::Sender<IOFlushed<TypeConfig>>,
+    /// Each append's callback, with when the append handed it over.
+    flusher: mpsc::Sender<(Instant, IOFlushed<TypeConfig>)>,
+    /// Callbacks handed to the flusher and not yet completed.
+    flusher_pending: Arc<AtomicU64>,
+    /// This node's id, when known: appends of other leaders' entries (this
+    /// node is a follower) are flushed inline (see `append`).
+    node_id: Option<NodeId>,
+    /// After a slow inline flush, appends go to the flusher until then.
+    inline_paused_until: Option<Instant>,
     closed: watch::Receiver<bool>,
     /// When the commit index was last written (None: not yet).
-    committed_saved_at: Option<std::time::Instant>,
+    committed_saved_at: Option<Instant>,
     /// Purge points for the purger thread (see `purge`).
     purger: std::sync::mpsc::Sender<u64>,
 }
@@ -258,16 +289,35 @@ impl LogStore {
             _closed: ClosedOnDrop(closed_tx),
         });
         let stats = Arc::new(StorageStats::new());
-        let (flush_inner, flush_stats) = (inner.clone(), stats.clone());
+        let flusher_pending = Arc::new(AtomicU64::new(0));
+        let (flush_inner, flush_stats, flush_pending) =
+            (inner.clone(), stats.clone(), flusher_pending.clone());
         std::thread::Builder::new()
             .name("raft-log-flush".into())
-            .spawn(move || flush_loop(flush_inner, flush_stats, rx))?;
+            .spawn(move || flush_loop(flush_inner, flush_stats, flush_pending, rx))?;
         let (purger, purge_rx) = std::sync::mpsc::channel();
         let purge_inner = inner.clone();
         std::thread::Builder::new()
             .name("raft-log-purge".into())
             .spawn(move || purge_loop(purge_inner, purge_rx))?;
-        Ok(LogStore { inner, stats, flusher: tx, closed, committed_saved_at: None, purger })
+        Ok(LogStore {
+            inner,
+            stats,
+            flusher: tx,
+            flusher_pending,
+            node_id: None,
+            inline_paused_until: None,
+            closed,
+            committed_saved_at: None,
+            purger,
+        })
+    }
+
+    /// Tells the store which node it belongs to, so that a follower flushes
+    /// the entries it receives inline (see `append`).
+    pub fn for_node(mut self, node_id: NodeId) -> LogStore {
+        self.node_id = Some(node_id);
+        self
     }
 
     /// The store's counters (they outlive the store).
@@ -306,18 +356,25 @@ impl LogStore {
 
 /// Group commit: one flush for every append queued before it started. Runs
 /// on its own thread (see the module docs); ends when every sender is gone.
-fn flush_loop(inner: Arc<Inner>, stats: Arc<StorageStats>, mut rx: mpsc::Receiver<IOFlushed<TypeConfig>>) {
+fn flush_loop(
+    inner: Arc<Inner>,
+    stats: Arc<StorageStats>,
+    pending: Arc<AtomicU64>,
+    mut rx: mpsc::Receiver<(Instant, IOFlushed<TypeConfig>)>,
+) {
     let mut waiting = Vec::new();
     while let Some(cb) = rx.blocking_recv() {
         waiting.push(cb);
         while let Ok(cb) = rx.try_recv() {
             waiting.push(cb);
         }
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let result = inner.db.flush().map(|_| ()).map_err(|e| e.to_string());
         stats.record_flush(started.elapsed());
-        for cb in waiting.drain(..) {
+        for (appended, cb) in waiting.drain(..) {
+            stats.append_latency.record(appended.elapsed());
             cb.io_completed(result.clone().map_err(io::Error::other));
+            pending.fetch_sub(1, Ordering::Release);
         }
     }
 }
@@ -456,7 +513,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // COMMITTED_SAVE_EVERY: a stale (lower) value only makes a restart
         // apply less before the leader commits the rest again; the next
         // append's flush persists it. `raftmq recover` reads past it anyway.
-        let now = std::time::Instant::now();
+        let now = Instant::now();
         if self.committed_saved_at.is_some_and(|at| now.duration_since(at) < COMMITTED_SAVE_EVERY) {
             return Ok(());
         }
@@ -480,7 +537,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // midway leaves a prefix of the entries, and nothing is acknowledged
         // before the flush below.
         let (mut n, mut bytes) = (0u64, 0u64);
+        let mut last_leader = None;
         for e in entries {
+            last_leader = Some(e.log_id.leader_id.node_id);
             let value = convert::entry_to_pb(&e).encode_to_vec();
             let size = value.len();
             n += 1;
@@ -491,10 +550,39 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.stats.appends.fetch_add(1, Ordering::Relaxed);
         self.stats.entries.fetch_add(n, Ordering::Relaxed);
         self.stats.bytes.fetch_add(bytes, Ordering::Relaxed);
-        // Readable now; durable when the flusher calls back.
-        if let Err(mpsc::error::SendError(cb)) = self.flusher.send(callback).await {
-            cb.io_completed(Err(io::Error::other("log flusher stopped")));
+        let appended = Instant::now();
+        // A follower flushes what it receives right here, as etcd's raft loop
+        // does: its answer waits for this flush anyway, and waking the flusher
+        // thread cost a context switch and 75-150 us on the critical path of
+        // every replicated commit (docs/BENCHMARKS.md, session 7). The price:
+        // the Raft core (votes, heartbeats) and this worker's other tasks wait
+        // for the fsync too, so after a slow one (a stalling disk) the flusher
+        // takes over for a while. Only when no earlier callback is still with
+        // the flusher, so that callbacks complete in append order. A leader
+        // keeps the flusher: its core must start replication while it syncs.
+        let replicated = self.node_id.is_some_and(|me| last_leader.is_some_and(|l| l != me));
+        let disk_slow = self.inline_paused_until.is_some_and(|until| appended < until);
+        if replicated && !disk_slow && self.flusher_pending.load(Ordering::Acquire) == 0 {
+            let result = self.inner.db.flush().map(|_| ()).map_err(sled_err);
+            let took = appended.elapsed();
+            self.stats.inline_flushes.fetch_add(1, Ordering::Relaxed);
+            self.stats.record_flush(took);
+            self.stats.append_latency.record(took);
+            if took > INLINE_FLUSH_SLOW {
+                self.inline_paused_until = Some(Instant::now() + INLINE_FLUSH_PAUSE);
+            }
+            callback.io_completed(result);
+            return Ok(());
         }
+        // Readable now; durable when the flusher calls back. `reserve` first:
+        // if this future is dropped while the queue is full, nothing was
+        // counted as pending.
+        let Ok(permit) = self.flusher.reserve().await else {
+            callback.io_completed(Err(io::Error::other("log flusher stopped")));
+            return Ok(());
+        };
+        self.flusher_pending.fetch_add(1, Ordering::Relaxed);
+        permit.send((appended, callback));
         Ok(())
     }
 
@@ -531,5 +619,37 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             return Err(io::Error::other("log purger stopped"));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raft::types::{EntryPayload, LeaderId};
+    use openraft::entry::RaftEntry;
+    use openraft::type_config::TypeConfigExt;
+    use openraft::vote::RaftLeaderId;
+
+    fn blank(index: u64, leader: NodeId) -> Entry {
+        Entry::new(LogId::new(LeaderId::new(1, leader), index), EntryPayload::Blank)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn after_a_slow_inline_flush_a_follower_uses_the_flusher_for_a_while() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = LogStore::open(dir.path()).unwrap().for_node(2);
+        // As if the last inline flush had been slow.
+        store.inline_paused_until = Some(Instant::now() + std::time::Duration::from_secs(3600));
+        let (tx, rx) = TypeConfig::oneshot();
+        store.append(vec![blank(1, 1)], IOFlushed::signal(tx)).await.unwrap();
+        rx.await.unwrap().unwrap();
+        assert_eq!(store.stats.inline_flushes.load(Ordering::Relaxed), 0, "paused: the flusher flushed");
+        assert_eq!(store.stats.flushes.load(Ordering::Relaxed), 1);
+        // Once the pause is over, inline again.
+        store.inline_paused_until = Some(Instant::now());
+        let (tx, rx) = TypeConfig::oneshot();
+        store.append(vec![blank(2, 1)], IOFlushed::signal(tx)).await.unwrap();
+        rx.await.unwrap().unwrap();
+        assert_eq!(store.stats.inline_flushes.load(Ordering::Relaxed), 1);
     }
 }

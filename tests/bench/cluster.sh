@@ -9,7 +9,7 @@
 #            p99 publish-to-delivery and publish-to-PUBACK latency, the ratio
 #            raftmq / mosquitto (target msg/s >= 1.0), and the leader's Raft
 #            figures from /metrics (fsyncs, appends, entries per fsync, mean
-#            commit latency) over the run.
+#            commit, append-to-durable and replication latency) over the run.
 #   storm    reconnect storm: STORM_CLIENTS (10,000) persistent clients connect
 #            to the leader, subscribe and disconnect; the leader is killed with
 #            kill -9; the new leader is found via /health/leader; all clients
@@ -211,8 +211,24 @@ cpu_figures() {
 
 # One value of the leader's /metrics (a counter or a _sum/_count line without labels).
 metric() { awk -v m="$2" '$1 == m {print $2; exit}' "$1"; }
+# The sum of a metric over all its labelled series (e.g. every peer's _sum).
+metric_all() { awk -v m="$2{" 'index($1, m) == 1 {s += $2} END {print s + 0}' "$1"; }
 
-# " fsyncs=.. appends=.. entries=.. msgs_per_fsync=.. commit_mean_ms=.." from two /metrics dumps.
+# Mean in ms of a histogram between two dumps, from its _sum and _count (all series).
+hist_mean_ms() {
+  local a=$1 b=$2 name=$3 s0 s1 c0 c1
+  s0=$(metric "$a" "${name}_sum") s1=$(metric "$b" "${name}_sum")
+  c0=$(metric "$a" "${name}_count") c1=$(metric "$b" "${name}_count")
+  if [[ -z $s1 ]]; then
+    s0=$(metric_all "$a" "${name}_sum") s1=$(metric_all "$b" "${name}_sum")
+    c0=$(metric_all "$a" "${name}_count") c1=$(metric_all "$b" "${name}_count")
+  fi
+  awk -v s0="${s0:-0}" -v s1="${s1:-0}" -v c0="${c0:-0}" -v c1="${c1:-0}" \
+    'BEGIN { c = c1 - c0; print (c > 0 ? sprintf("%.3f", (s1 - s0) / c * 1000) : "-") }'
+}
+
+# " fsyncs=.. appends=.. entries=.. msgs_per_fsync=.. commit_mean_ms=.. append_mean_ms=.. replication_mean_ms=.."
+# from two /metrics dumps of the leader (append: its own log; replication: to its followers).
 raft_figures() {
   local a=$1 b=$2 msgs=$3 f0 f1 ap0 ap1 e0 e1 cs0 cs1 cc0 cc1
   f0=$(metric "$a" raftmq_raft_fsyncs_total) f1=$(metric "$b" raftmq_raft_fsyncs_total)
@@ -226,8 +242,11 @@ raft_figures() {
       printf " fsyncs=%d appends=%d entries=%d", f, a, e
       printf " msgs_per_fsync=%s entries_per_fsync=%s", (f > 0 ? sprintf("%.1f", msgs / f) : "-"), (f > 0 ? sprintf("%.1f", e / f) : "-")
       printf " msgs_per_entry=%s", (e > 0 ? sprintf("%.1f", msgs / e) : "-")
-      printf " commit_mean_ms=%s commits=%d\n", (c > 0 ? sprintf("%.3f", (s1 - s0) / c * 1000) : "-"), c
+      printf " commit_mean_ms=%s commits=%d", (c > 0 ? sprintf("%.3f", (s1 - s0) / c * 1000) : "-"), c
     }'
+  printf ' append_mean_ms=%s replication_mean_ms=%s\n' \
+    "$(hist_mean_ms "$a" "$b" raftmq_raft_append_latency_seconds)" \
+    "$(hist_mean_ms "$a" "$b" raftmq_raft_replication_latency_seconds)"
 }
 
 field() { tr ' ' '\n' <<<"$1" | awk -F= -v k="$2" '$1 == k {print $2; exit}'; }
@@ -379,7 +398,7 @@ for c in $CASES; do
     qos1)
       summary qos1 msgs_per_s ge 1
       for m in p50_ms p99_ms ack_p50_ms ack_p99_ms broker_cpu_us_per_op lost; do summary qos1 "$m" ratio -; done
-      for m in cluster_cpu_us_per_msg cpu_us_per_msg_node1 cpu_us_per_msg_node2 cpu_us_per_msg_node3 msgs_per_fsync msgs_per_entry entries_per_fsync commit_mean_ms rss_kb_node1 rss_kb_node2 rss_kb_node3 disk_kb_node1 disk_kb_node2 disk_kb_node3; do
+      for m in cluster_cpu_us_per_msg cpu_us_per_msg_node1 cpu_us_per_msg_node2 cpu_us_per_msg_node3 msgs_per_fsync msgs_per_entry entries_per_fsync commit_mean_ms append_mean_ms replication_mean_ms rss_kb_node1 rss_kb_node2 rss_kb_node3 disk_kb_node1 disk_kb_node2 disk_kb_node3; do
         summary qos1 "$m" info -
       done
       ;;
