@@ -467,8 +467,11 @@ impl Inner {
                     };
                     if let Some(mb) = ended {
                         reg.remove_if_same(&mb);
-                        drop(reg);
+                        // Still under the registry lock: a new connection with this
+                        // id (a new mailbox) cannot subscribe before the ended
+                        // session's filters, keyed by client id, are gone.
                         self.drop_subscriptions(&mb);
+                        drop(reg);
                         Metrics::dec(&self.metrics.sessions_persistent);
                     }
                 }
