@@ -645,6 +645,13 @@ mod tests {
         rx.await.unwrap().unwrap();
         assert_eq!(store.stats.inline_flushes.load(Ordering::Relaxed), 0, "paused: the flusher flushed");
         assert_eq!(store.stats.flushes.load(Ordering::Relaxed), 1);
+        // The flusher counts its callback as done just after calling it back;
+        // until then a follower's append must keep using it (callback order).
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        while store.flusher_pending.load(Ordering::Acquire) != 0 {
+            assert!(Instant::now() < deadline, "the flusher never finished its callback");
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
         // Once the pause is over, inline again.
         store.inline_paused_until = Some(Instant::now());
         let (tx, rx) = TypeConfig::oneshot();
