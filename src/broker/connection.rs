@@ -1939,13 +1939,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn<S> {
             // Before detaching: once detached, a new connection may attach and
             // subscribe, and its filters must not be taken for this session's.
             self.inner.drop_subscriptions(&self.mailbox);
+            // Before detaching too: a takeover may make the mailbox a
+            // persistent session's again as soon as it is detached.
+            self.mailbox.set_managed(false);
         }
         let waiting = self.mailbox.detach(self.conn_id);
         if session_ended {
             if self.managed {
                 Metrics::dec(&metrics.sessions_persistent);
             }
-            self.mailbox.set_managed(false);
             if !waiting {
                 let mut reg = self.inner.registry.lock();
                 if self.mailbox.attached() == 0 {

@@ -544,7 +544,7 @@ impl Inner {
         }
         let mut r = self.router.write();
         for f in &filters {
-            if r.unsubscribe(&mb.client_id, f) {
+            if r.unsubscribe_for(mb, f) {
                 Metrics::dec(&self.metrics.subscriptions);
             }
         }

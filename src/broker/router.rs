@@ -104,11 +104,23 @@ impl Router {
 
     /// Removes a subscription; returns true when it existed.
     pub fn unsubscribe(&mut self, client: &Arc<str>, filter: &str) -> bool {
+        self.remove_if(client, filter, |_| true)
+    }
+
+    /// Removes a subscription only if it routes to `mailbox`: a session that
+    /// has ended must not take away a later session's subscription to the
+    /// same filter (entries are keyed by client id, and a client id may have
+    /// a new mailbox by now).
+    pub fn unsubscribe_for(&mut self, mailbox: &Arc<Mailbox>, filter: &str) -> bool {
+        self.remove_if(&mailbox.client_id, filter, |v| Arc::ptr_eq(&v.mailbox, mailbox))
+    }
+
+    fn remove_if(&mut self, client: &Arc<str>, filter: &str, owned: impl Fn(&SubValue) -> bool) -> bool {
         if let Some((group, f)) = split_shared(filter) {
             let group: Arc<str> = group.into();
             let Some(mut g) = self.shared_tree.remove(f, &group) else { return false };
             let before = g.members.len();
-            g.members.retain(|(c, _)| c != client);
+            g.members.retain(|(c, v)| !(c == client && owned(v)));
             let removed = g.members.len() != before;
             if !g.members.is_empty() {
                 self.shared_tree.insert(f, group, g);
@@ -118,6 +130,9 @@ impl Router {
             }
             removed
         } else {
+            if !self.tree.get(filter, client).is_some_and(owned) {
+                return false;
+            }
             let removed = self.tree.remove(filter, client).is_some();
             if removed {
                 self.count -= 1;
@@ -252,6 +267,27 @@ mod tests {
             expires_at_ms: 0,
             publisher,
         }
+    }
+
+    #[test]
+    fn an_ended_session_removes_only_its_own_subscriptions() {
+        let mut r = Router::default();
+        let old = mb("x", false, false);
+        let new = mb("x", true, false);
+        let id = new.client_id.clone();
+        for f in ["t", "$share/g/t"] {
+            assert!(!r.subscribe(&id, f, sub(&new, QoS::AtMostOnce, None)));
+            // The old mailbox of the same client id does not own them.
+            assert!(!r.unsubscribe_for(&old, f), "{f}");
+        }
+        assert_eq!(r.len(), 2);
+        let route = r.route(&msg("t", QoS::AtMostOnce, 0), false);
+        assert_eq!(route.targets.len(), 2);
+        assert!(route.targets.iter().all(|t| Arc::ptr_eq(&t.mailbox, &new)));
+        for f in ["t", "$share/g/t"] {
+            assert!(r.unsubscribe_for(&new, f), "{f}");
+        }
+        assert_eq!(r.len(), 0);
     }
 
     #[test]
