@@ -535,22 +535,24 @@ async fn restarted_follower_catches_up_from_snapshot() {
         eprintln!("node {f}: {line}");
     }
 
-    // A failover onto f, made certain: the third node o is frozen while a
-    // few more entries commit (leader + f), so o's log is behind f's; then the
-    // leader is killed and o thawed. o cannot win (f refuses a candidate with
-    // an older log), f can (o votes for the more up-to-date log).
+    // A failover onto f, made certain: the third node o is down while a few
+    // more entries commit (leader + f), so o's log is behind f's; then the
+    // leader is killed and o restarted. o cannot win (f refuses a candidate
+    // with an older log), f can (o votes for the more up-to-date log). o is
+    // killed, not frozen: a frozen node keeps the leader's AppendEntries in its
+    // socket buffer and may append them when thawed, catching up with f.
     let l = c.leader(LEADER_WAIT).await;
     let o = all.iter().copied().find(|&i| i != l && i != f).unwrap_or(0);
-    c.pause(o);
+    c.kill9(o);
     let (mut cl, _, at) =
         c.connect_leader(&Conn::v5("filler-2"), RECONNECT_WAIT).await.unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(at, l, "the leader keeps serving with f while o is frozen");
+    assert_eq!(at, l, "the leader keeps serving with f while o is down");
     for i in N..N + 5 {
         let p = Pub::new(&format!("c/{i}"), format!("v{i}").as_bytes(), 1, i as u16 + 1).retain(true);
         cl.publish_acked(&p, STEP).await.unwrap_or_else(|e| panic!("publish {i}: {e}"));
     }
     c.kill9(l);
-    c.resume(o);
+    c.restart(o).await;
     let next = c.leader_among(&[f, o], LEADER_WAIT).await;
     assert_eq!(next, f, "the caught-up node {f} takes over (o = {o} was behind)");
     const TOTAL: usize = N + 5;

@@ -396,16 +396,6 @@ impl Cluster {
         }
     }
 
-    /// SIGSTOP: the node freezes (its sockets stay open, it answers nothing).
-    pub fn pause(&mut self, id: u64) {
-        self.signal(id, "-STOP");
-    }
-
-    /// SIGCONT after [`Cluster::pause`].
-    pub fn resume(&mut self, id: u64) {
-        self.signal(id, "-CONT");
-    }
-
     fn signal(&mut self, id: u64, sig: &str) {
         let Some(pid) = self.node_mut(id).child.as_ref().map(|c| c.id()) else {
             panic!("node {id} is not running");
